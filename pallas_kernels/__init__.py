@@ -1,0 +1,1 @@
+"""Pallas kernels for jmoe: grouped expert GEMMs and capacity-constrained dispatch."""
