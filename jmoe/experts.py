@@ -1,5 +1,6 @@
 """Expert FFNs as pure functions of their weights (SwiGLU and GELU)."""
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import jax
@@ -11,6 +12,16 @@ Activation = Literal["swiglu", "gelu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 
+def _ffn(matmul: Callable, params, x, activation: Activation):
+    """FFN with a pluggable product: SwiGLU (Shazeer, 2020) or GELU."""
+    h = matmul(x, params["w_in"])
+    if activation == "swiglu":
+        h = jax.nn.silu(matmul(x, params["w_gate"])) * h
+    else:
+        h = jax.nn.gelu(h)
+    return matmul(h, params["w_out"])
+
+
 def grouped_ffn(params, xs_MxD, group_sizes_E, activation: Activation, *, implementation=None):
     """Expert FFN over rows sorted by expert, with grouped GEMMs.
 
@@ -18,39 +29,24 @@ def grouped_ffn(params, xs_MxD, group_sizes_E, activation: Activation, *, implem
       params: `w_in` [E, D, F] (and `w_gate` [E, D, F] for SwiGLU), `w_out` [E, F, D].
       xs_MxD: rows sorted by expert; rows past sum(group_sizes) come out zero.
       group_sizes_E: rows per expert.
-      activation: `swiglu` (Shazeer, 2020) or `gelu`.
+      activation: `swiglu` or `gelu`.
       implementation: grouped-GEMM kernel choice, passed to `jmoe.ops.grouped_matmul`.
     """
     gmm = lambda a, w: ops.grouped_matmul(a, w, group_sizes_E, implementation=implementation)
-    h = gmm(xs_MxD, params["w_in"])
-    if activation == "swiglu":
-        h = jax.nn.silu(gmm(xs_MxD, params["w_gate"])) * h
-    else:
-        h = jax.nn.gelu(h)
-    return gmm(h, params["w_out"])
+    return _ffn(gmm, params, xs_MxD, activation)
 
 
 def batched_ffn(params, buf_ExCxD, activation: Activation):
     """Expert FFN over per-expert buffers [E, C, D] (capacity dispatch)."""
-    h = jnp.einsum("ecd,edf->ecf", buf_ExCxD, params["w_in"])
-    if activation == "swiglu":
-        h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ExCxD, params["w_gate"])) * h
-    else:
-        h = jax.nn.gelu(h)
-    return jnp.einsum("ecf,efd->ecd", h, params["w_out"])
+    return _ffn(lambda a, w: jnp.einsum("ecd,edf->ecf", a, w), params, buf_ExCxD, activation)
 
 
 def dense_ffn(params, x_TxD, activation: Activation):
     """One FFN on every token (shared experts): `w_in` [D, F], `w_gate` [D, F], `w_out` [F, D]."""
-    h = x_TxD @ params["w_in"]
-    if activation == "swiglu":
-        h = jax.nn.silu(x_TxD @ params["w_gate"]) * h
-    else:
-        h = jax.nn.gelu(h)
-    return h @ params["w_out"]
+    return _ffn(jnp.matmul, params, x_TxD, activation)
 
 
 def dense_reference(params, x_TxD, weights_TxE, activation: Activation):
     """Every expert on every token, weighted: the oracle for the dispatchers (tests only)."""
     per_expert = jax.vmap(lambda p: dense_ffn(p, x_TxD, activation))(params)  # [E, T, D]
-    return jnp.einsum("etd,te->td", per_expert, weights_TxE)
+    return jnp.einsum("etd,te->td", per_expert, weights_TxE.astype(per_expert.dtype))
