@@ -1,0 +1,241 @@
+"""Public grouped-matmul API: implementation registry, argument checks and the custom VJP."""
+
+import functools
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gmm import reference, xla
+
+Implementation = Literal["reference", "xla", "ragged_dot", "triton", "mosaic_tpu"]
+IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
+
+# Backends each implementation runs on when compiled (interpret mode runs anywhere).
+_BACKENDS = {
+    "reference": None,
+    "xla": None,
+    "ragged_dot": None,
+    "triton": ("gpu", "cuda", "rocm"),
+    "mosaic_tpu": ("tpu",),
+}
+_INTERPRETABLE = ("triton", "mosaic_tpu")
+_DEFAULTS = {"cpu": "xla", "gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
+
+
+def resolve_implementation(
+    implementation: str | Sequence[str] | None, *, interpret: bool = False
+) -> str:
+    """Picks the implementation name to run on ``jax.default_backend()``.
+
+    Args:
+      implementation: a name, a sequence of names (first that applies wins) or None for the
+        backend's default.
+      interpret: Pallas kernels apply on any backend when interpreted.
+
+    Returns:
+      One name from ``IMPLEMENTATIONS``.
+
+    Raises:
+      ValueError: unknown name, or no name in the sequence applies on this backend.
+    """
+    backend = jax.default_backend()
+    if implementation is None:
+        return _DEFAULTS.get(backend, "xla")
+    names = [implementation] if isinstance(implementation, str) else list(implementation)
+    for name in names:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown gmm implementation {name!r}; allowed: {IMPLEMENTATIONS}")
+    for name in names:
+        allowed = _BACKENDS[name]
+        if allowed is None or backend in allowed or (interpret and name in _INTERPRETABLE):
+            return name
+    raise ValueError(f"none of {names} runs on backend {backend!r} (interpret={interpret})")
+
+
+def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs):
+    if lhs.ndim != 2:
+        raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
+    if rhs.ndim != 3:
+        raise ValueError(f"rhs must be [G, K, N], got shape {rhs.shape}")
+    if group_sizes.ndim != 1 or group_sizes.shape[0] != rhs.shape[0]:
+        raise ValueError(
+            f"group_sizes must be [G] with G={rhs.shape[0]}, got shape {group_sizes.shape}"
+        )
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integer, got {group_sizes.dtype}")
+    k_rhs = rhs.shape[2] if transpose_rhs else rhs.shape[1]
+    if lhs.shape[1] != k_rhs:
+        raise ValueError(
+            f"rhs contraction dim {k_rhs} != lhs K={lhs.shape[1]} (transpose_rhs={transpose_rhs})"
+        )
+
+
+def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
+    if impl == "reference":
+        return reference.gmm(
+            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype
+        )
+    if impl == "xla":
+        return xla.gmm(
+            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype
+        )
+    if impl == "ragged_dot":
+        if transpose_rhs:
+            rhs = jnp.swapaxes(rhs, 1, 2)
+        out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+        total = jnp.sum(group_sizes)
+        keep = jnp.arange(lhs.shape[0]) < total
+        return jnp.where(keep[:, None], out, 0).astype(out_dtype)
+    if impl == "triton":
+        from pallas_kernels.gmm import gpu
+
+        return gpu.gmm(
+            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype,
+            interpret=interpret,
+        )
+    if impl == "mosaic_tpu":
+        from pallas_kernels.gmm import tpu
+
+        return tpu.gmm(
+            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype,
+            interpret=interpret,
+        )
+    raise AssertionError(impl)
+
+
+def _tgmm_impl(lhs, dout, group_sizes, num_groups, out_dtype, impl, interpret):
+    if impl == "reference":
+        return reference.tgmm(
+            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype
+        )
+    if impl == "ragged_dot":
+        # ragged_dot's transpose (ragged contracting dim) is not a fast path either; use the
+        # active-FLOPs loop.
+        impl = "xla"
+    if impl == "xla":
+        return xla.tgmm(
+            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype
+        )
+    if impl == "triton":
+        from pallas_kernels.gmm import gpu
+
+        return gpu.tgmm(
+            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype,
+            interpret=interpret,
+        )
+    if impl == "mosaic_tpu":
+        from pallas_kernels.gmm import tpu
+
+        return tpu.tgmm(
+            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype,
+            interpret=interpret,
+        )
+    raise AssertionError(impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _gmm_vjp(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
+    return _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
+    out = _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret)
+    return out, (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(transpose_rhs, out_dtype, impl, interpret, res, dout_MxN):
+    lhs_MxK, rhs, group_sizes_G = res
+    del out_dtype
+    dout_MxN = dout_MxN.astype(lhs_MxK.dtype)
+    dlhs_MxK = _gmm_impl(
+        dout_MxN, rhs, group_sizes_G, not transpose_rhs, lhs_MxK.dtype, impl, interpret
+    )
+    num_groups = rhs.shape[0]
+    if transpose_rhs:  # rhs is [G, N, K]
+        drhs = _tgmm_impl(dout_MxN, lhs_MxK, group_sizes_G, num_groups, rhs.dtype, impl, interpret)
+    else:
+        drhs = _tgmm_impl(lhs_MxK, dout_MxN, group_sizes_G, num_groups, rhs.dtype, impl, interpret)
+    return dlhs_MxK, drhs, None
+
+
+_gmm_vjp.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    transpose_rhs: bool = False,
+    preferred_element_type=None,
+    implementation: Implementation | Sequence[Implementation] | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Grouped matmul: ``out[m] = lhs[m] @ rhs[group(m)]``.
+
+    Rows of ``lhs`` are sorted by group: the first ``group_sizes[0]`` rows use ``rhs[0]``, the
+    next ``group_sizes[1]`` use ``rhs[1]`` and so on. Rows past ``sum(group_sizes)`` come out
+    zero. Differentiable in ``lhs`` and ``rhs`` (custom VJP: ``d lhs = gmm(dy, rhs^T)``,
+    ``d rhs = tgmm(lhs, dy)``); ``group_sizes`` is not differentiable.
+
+    Args:
+      lhs: ``[M, K]``.
+      rhs: ``[G, K, N]`` (``[G, N, K]`` when ``transpose_rhs``).
+      group_sizes: int32 ``[G]``, traced.
+      transpose_rhs: contract ``lhs`` with the last axis of ``rhs``.
+      preferred_element_type: output dtype (default ``lhs.dtype``); accumulation is f32.
+      implementation: a name from ``IMPLEMENTATIONS``, a sequence of names (first that runs on
+        the current backend wins), or None for the backend's best.
+      interpret: run Pallas kernels in interpret mode (any backend).
+
+    Returns:
+      ``[M, N]``.
+    """
+    _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs)
+    impl = resolve_implementation(implementation, interpret=interpret)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    return _gmm_vjp(
+        lhs, rhs, group_sizes.astype(jnp.int32), transpose_rhs, out_dtype, impl, interpret
+    )
+
+
+def tgmm(
+    lhs: jax.Array,
+    dout: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    num_groups: int | None = None,
+    preferred_element_type=None,
+    implementation: Implementation | Sequence[Implementation] | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Transposed grouped matmul: ``out[g] = lhs[rows of g]^T @ dout[rows of g]``.
+
+    Args:
+      lhs: ``[M, K]``, rows sorted by group.
+      dout: ``[M, N]``.
+      group_sizes: int32 ``[G]``; empty groups give zeros, rows past the sum are ignored.
+      num_groups: G of the output (default ``group_sizes.shape[0]``).
+      preferred_element_type: output dtype (default ``lhs.dtype``).
+      implementation: as for ``gmm``.
+      interpret: run Pallas kernels in interpret mode.
+
+    Returns:
+      ``[G, K, N]``.
+    """
+    if lhs.ndim != 2:
+        raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
+    if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
+        raise ValueError(f"dout must be [M={lhs.shape[0]}, N], got shape {dout.shape}")
+    if group_sizes.ndim != 1:
+        raise ValueError(f"group_sizes must be [G], got shape {group_sizes.shape}")
+    num_groups = num_groups or group_sizes.shape[0]
+    if num_groups > group_sizes.shape[0]:
+        raise ValueError(f"num_groups={num_groups} > group_sizes length {group_sizes.shape[0]}")
+    impl = resolve_implementation(implementation, interpret=interpret)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    return _tgmm_impl(
+        lhs, dout, group_sizes.astype(jnp.int32), num_groups, out_dtype, impl, interpret
+    )

@@ -1,0 +1,234 @@
+"""Pallas GPU (Triton lowering) grouped matmul kernels.
+
+Schedule: every group is cut into chunks of ``bm`` rows that start at the group's first row,
+plus one "tail" pseudo-group covering the rows past ``sum(group_sizes)`` (stored as zeros, no
+FLOPs). A precomputed visit table (group, first row, end row) is passed as int32 inputs; the
+grid is ``(visits, N tiles)`` with a static upper bound ``ceil(M / bm) + G + 1`` on the visits.
+Because chunks are group-aligned, no two programs write the same output row (no races and no
+read-modify-write), and rows of a chunk that run past the group's end are masked on load and
+store. Visits past the live count exit immediately. Accumulation is f32.
+
+``tgmm`` launches one program per (group, K tile, N tile) that loops over the group's rows in
+``bm`` chunks (a dynamic trip count); empty groups store zeros.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _visit_table(group_sizes_G: jax.Array, num_rows: int, bm: int):
+    """Group-aligned chunk schedule with a trailing zero-fill pseudo-group (id G).
+
+    Returns:
+      group_V (G + 1 for dead visits), start_V, end_V, each int32 of static length
+      ``ceil(M / bm) + G + 1``; visit v covers rows ``[start_V[v], min(start_V[v] + bm,
+      end_V[v]))``.
+    """
+    num_groups = group_sizes_G.shape[0]
+    sizes_G = jnp.maximum(group_sizes_G.astype(jnp.int32), 0)
+    ends_G = jnp.minimum(jnp.cumsum(sizes_G), num_rows)
+    ends_H = jnp.concatenate([ends_G, jnp.full((1,), num_rows, jnp.int32)])  # H = G + 1
+    starts_H = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_H[:-1]])
+    chunks_H = (ends_H - starts_H + bm - 1) // bm
+    chunk_ends_H = jnp.cumsum(chunks_H)
+    max_visits = _cdiv(num_rows, bm) + num_groups + 1
+    v_V = jnp.arange(max_visits, dtype=jnp.int32)
+    group_V = jnp.searchsorted(chunk_ends_H, v_V, side="right").astype(jnp.int32)
+    live_V = group_V <= num_groups
+    safe_V = jnp.minimum(group_V, num_groups)
+    j_V = v_V - (chunk_ends_H[safe_V] - chunks_H[safe_V])
+    start_V = jnp.where(live_V, starts_H[safe_V] + j_V * bm, 0)
+    end_V = jnp.where(live_V, ends_H[safe_V], 0)
+    group_V = jnp.where(live_V, group_V, num_groups + 1)
+    return group_V, start_V, end_V
+
+
+def _gmm_kernel(
+    group_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *, bm, bn, bk, k, n, num_groups,
+    transpose_rhs,
+):
+    v = pl.program_id(0)
+    j = pl.program_id(1)
+    g = group_ref[v]
+    s = start_ref[v]
+    e = end_ref[v]
+    rows_m = s + jnp.arange(bm, dtype=jnp.int32)
+    cols_n = j * bn + jnp.arange(bn, dtype=jnp.int32)
+    out_mask = (rows_m < e)[:, None] & (cols_n < n)[None, :]
+    out_at = out_ref.at[pl.ds(s, bm), pl.ds(j * bn, bn)]
+
+    @pl.when(g < num_groups)
+    def _compute():
+        def body(kk, acc_mxn):
+            ks_k = kk * bk + jnp.arange(bk, dtype=jnp.int32)
+            x_mxk = pltr.load(
+                lhs_ref.at[pl.ds(s, bm), pl.ds(kk * bk, bk)],
+                mask=(rows_m < e)[:, None] & (ks_k < k)[None, :],
+                other=0,
+            )
+            if transpose_rhs:
+                w_nxk = pltr.load(
+                    rhs_ref.at[g, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)],
+                    mask=(cols_n < n)[:, None] & (ks_k < k)[None, :],
+                    other=0,
+                )
+                dims = (((1,), (1,)), ((), ()))
+                y = lax.dot_general(x_mxk, w_nxk, dims, preferred_element_type=jnp.float32)
+            else:
+                w_kxn = pltr.load(
+                    rhs_ref.at[g, pl.ds(kk * bk, bk), pl.ds(j * bn, bn)],
+                    mask=(ks_k < k)[:, None] & (cols_n < n)[None, :],
+                    other=0,
+                )
+                y = jnp.dot(x_mxk, w_kxn, preferred_element_type=jnp.float32)
+            return acc_mxn + y
+
+        acc_mxn = lax.fori_loop(0, _cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
+        pltr.store(out_at, acc_mxn.astype(out_ref.dtype), mask=out_mask)
+
+    @pl.when(g == num_groups)
+    def _zero_tail():
+        pltr.store(out_at, jnp.zeros((bm, bn), out_ref.dtype), mask=out_mask)
+
+
+def gmm(
+    lhs_MxK: jax.Array,
+    rhs_GxKxN: jax.Array,
+    group_sizes_G: jax.Array,
+    *,
+    transpose_rhs: bool = False,
+    preferred_element_type=None,
+    interpret: bool = False,
+    block_m: int = 128,
+    block_n: int = 128,
+    block_k: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> jax.Array:
+    """Grouped matmul ``out[m] = lhs[m] @ rhs[group(m)]`` as a Triton Pallas kernel.
+
+    Args:
+      lhs_MxK: rows sorted by group.
+      rhs_GxKxN: weights (``[G, N, K]`` if ``transpose_rhs``).
+      group_sizes_G: int32 rows per group; rows past the sum come out zero.
+      transpose_rhs: contract with the last axis of ``rhs``.
+      preferred_element_type: output dtype (default ``lhs.dtype``).
+      interpret: run the kernel in the Pallas interpreter (CPU testing).
+      block_m, block_n, block_k: tile sizes.
+      num_warps, num_stages: Triton compiler parameters.
+
+    Returns:
+      ``[M, N]``.
+    """
+    m, k = lhs_MxK.shape
+    num_groups = rhs_GxKxN.shape[0]
+    n = rhs_GxKxN.shape[1] if transpose_rhs else rhs_GxKxN.shape[2]
+    out_dtype = preferred_element_type or lhs_MxK.dtype
+    if m == 0:
+        return jnp.zeros((0, n), out_dtype)
+    group_V, start_V, end_V = _visit_table(group_sizes_G, m, block_m)
+    kernel = functools.partial(
+        _gmm_kernel, bm=block_m, bn=block_n, bk=block_k, k=k, n=n, num_groups=num_groups,
+        transpose_rhs=transpose_rhs,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(group_V.shape[0], _cdiv(n, block_n)),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="jmoe_gmm_triton",
+    )(group_V, start_V, end_V, lhs_MxK, rhs_GxKxN)
+
+
+def _tgmm_kernel(
+    start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, bm, bk, bn, k, n
+):
+    g = pl.program_id(0)
+    ki = pl.program_id(1)
+    j = pl.program_id(2)
+    s = start_ref[g]
+    e = end_ref[g]
+    ks_k = ki * bk + jnp.arange(bk, dtype=jnp.int32)
+    cols_n = j * bn + jnp.arange(bn, dtype=jnp.int32)
+
+    def body(i, acc_kxn):
+        r0 = s + i * bm
+        rows_m = r0 + jnp.arange(bm, dtype=jnp.int32)
+        x_mxk = pltr.load(
+            lhs_ref.at[pl.ds(r0, bm), pl.ds(ki * bk, bk)],
+            mask=(rows_m < e)[:, None] & (ks_k < k)[None, :],
+            other=0,
+        )
+        dy_mxn = pltr.load(
+            dout_ref.at[pl.ds(r0, bm), pl.ds(j * bn, bn)],
+            mask=(rows_m < e)[:, None] & (cols_n < n)[None, :],
+            other=0,
+        )
+        dims = (((0,), (0,)), ((), ()))
+        return acc_kxn + lax.dot_general(x_mxk, dy_mxn, dims, preferred_element_type=jnp.float32)
+
+    trips = (e - s + bm - 1) // bm
+    acc_kxn = lax.fori_loop(0, trips, body, jnp.zeros((bk, bn), jnp.float32))
+    mask = (ks_k < k)[:, None] & (cols_n < n)[None, :]
+    pltr.store(
+        out_ref.at[g, pl.ds(ki * bk, bk), pl.ds(j * bn, bn)],
+        acc_kxn.astype(out_ref.dtype),
+        mask=mask,
+    )
+
+
+def tgmm(
+    lhs_MxK: jax.Array,
+    dout_MxN: jax.Array,
+    group_sizes_G: jax.Array,
+    *,
+    num_groups: int | None = None,
+    preferred_element_type=None,
+    interpret: bool = False,
+    block_m: int = 64,
+    block_k: int = 128,
+    block_n: int = 128,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> jax.Array:
+    """Transposed grouped matmul ``out[g] = lhs[rows of g]^T @ dout[rows of g]``.
+
+    Args:
+      lhs_MxK: rows sorted by group.
+      dout_MxN: same rows.
+      group_sizes_G: int32 rows per group; empty groups give zeros.
+      num_groups: G (default ``group_sizes_G.shape[0]``).
+      preferred_element_type: output dtype (default ``lhs.dtype``).
+      interpret: run in the Pallas interpreter.
+      block_m, block_k, block_n: tile sizes (``block_m`` rows per inner step).
+      num_warps, num_stages: Triton compiler parameters.
+
+    Returns:
+      ``[G, K, N]``.
+    """
+    m, k = lhs_MxK.shape
+    n = dout_MxN.shape[1]
+    num_groups = num_groups or group_sizes_G.shape[0]
+    out_dtype = preferred_element_type or lhs_MxK.dtype
+    sizes_G = jnp.maximum(group_sizes_G[:num_groups].astype(jnp.int32), 0)
+    ends_G = jnp.minimum(jnp.cumsum(sizes_G), m)
+    starts_G = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_G[:-1]])
+    kernel = functools.partial(_tgmm_kernel, bm=block_m, bk=block_k, bn=block_n, k=k, n=n)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        grid=(num_groups, _cdiv(k, block_k), _cdiv(n, block_n)),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="jmoe_tgmm_triton",
+    )(starts_G, ends_G, lhs_MxK, dout_MxN)
