@@ -1,0 +1,275 @@
+"""Tests for pallas_kernels.dispatch: every implementation against the plain-jnp reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import dispatch as dsp
+from pallas_kernels.dispatch import reference
+
+# Subclasses per implementation share the test methods: one hypothesis test per executor.
+_HEALTH = [HealthCheck.differing_executors]
+_SETTINGS = settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=_HEALTH)
+
+
+@st.composite
+def routing_cases(draw, max_t=12, max_d=20):
+    """Random routing problems: tiny capacities (overflow), unused experts, null experts."""
+    t = draw(st.integers(1, max_t))
+    k = draw(st.integers(1, 3))
+    e = draw(st.integers(1, 6))
+    c = draw(st.integers(1, 4))
+    d = draw(st.integers(1, max_d))
+    seed = draw(st.integers(0, 2**31 - 1))
+    use_priority = draw(st.booleans())
+    rng = np.random.default_rng(seed)
+    used = max(1, draw(st.integers(1, e)))  # experts >= `used` get no tokens
+    # An id == e is a null expert: never buffered even when valid.
+    ids = rng.integers(0, used + 1, (t, k))
+    ids = np.where(ids == used, e, ids) if rng.random() < 0.5 else np.minimum(ids, used - 1)
+    valid = rng.random((t, k)) < 0.85
+    prio = rng.random((t, k)).astype(np.float32) if use_priority else None
+    if use_priority and rng.random() < 0.5:
+        prio = np.round(prio * 3) / 3  # ties, broken by token order
+    return dict(
+        t=t,
+        k=k,
+        e=e,
+        c=c,
+        d=d,
+        ids=jnp.asarray(ids, jnp.int32),
+        valid=jnp.asarray(valid),
+        prio=None if prio is None else jnp.asarray(prio),
+        rng=rng,
+    )
+
+
+def _numpy_positions(ids, valid, e, prio):
+    """Brute-force oracle: a slot's rank among the valid slots of its expert."""
+    ids, valid = np.asarray(ids), np.asarray(valid)
+    t, k = ids.shape
+    n = t * k
+    ids_n, valid_n = ids.reshape(n), valid.reshape(n) & (ids.reshape(n) < e)
+    prio_n = None if prio is None else np.asarray(prio).reshape(n)
+    pos = np.full(n, -1, np.int64)
+    for a in range(n):
+        if not valid_n[a]:
+            continue
+        before = 0
+        for b in range(n):
+            if b == a or not valid_n[b] or ids_n[b] != ids_n[a]:
+                continue
+            if prio_n is None:
+                before += b < a
+            else:
+                before += prio_n[b] > prio_n[a] or (prio_n[b] == prio_n[a] and b < a)
+        pos[a] = before
+    return pos.reshape(t, k)
+
+
+class TestPositions:
+    @_SETTINGS
+    @given(routing_cases())
+    def test_positions_match_bruteforce_and_reference(self, case):
+        got = dsp.positions(case["ids"], case["valid"], case["e"], priority_TxK=case["prio"])
+        want = _numpy_positions(case["ids"], case["valid"], case["e"], case["prio"])
+        np.testing.assert_array_equal(np.asarray(got), want)
+        ref = reference.positions(case["ids"], case["valid"], case["e"], priority_TxK=case["prio"])
+        np.testing.assert_array_equal(np.asarray(ref), want)
+        assert got.dtype == jnp.int32
+
+    def test_priority_keeps_most_confident(self):
+        ids = jnp.zeros((4, 1), jnp.int32)
+        valid = jnp.ones((4, 1), bool)
+        prio = jnp.array([[0.1], [0.9], [0.5], [0.7]])
+        pos = dsp.positions(ids, valid, 1, priority_TxK=prio)
+        np.testing.assert_array_equal(np.asarray(pos)[:, 0], [3, 0, 2, 1])
+        assert int(dsp.dropped_count(pos, 2)) == 2
+
+    @_SETTINGS
+    @given(routing_cases())
+    def test_dropped_count_exact(self, case):
+        pos = dsp.positions(case["ids"], case["valid"], case["e"], priority_TxK=case["prio"])
+        ids, valid = np.asarray(case["ids"]), np.asarray(case["valid"])
+        counts = np.bincount(ids[valid & (ids < case["e"])], minlength=case["e"])
+        want = int(np.maximum(counts - case["c"], 0).sum())
+        got = dsp.dropped_count(pos, case["c"])
+        assert got.dtype == jnp.int32
+        assert int(got) == want
+
+    def test_invalid_arguments(self):
+        ids = jnp.zeros((3, 2), jnp.int32)
+        pos = dsp.positions(ids, jnp.ones((3, 2), bool), 2)
+        x = jnp.ones((3, 4))
+        with pytest.raises(ValueError, match="capacity"):
+            dsp.dispatch(x, ids, pos, 2, 0)
+        with pytest.raises(ValueError, match="capacity"):
+            dsp.dropped_count(pos, -1)
+        with pytest.raises(ValueError, match="num_experts"):
+            dsp.dispatch(x, ids, pos, 0, 2)
+        with pytest.raises(ValueError, match="implementation.*xla"):
+            dsp.dispatch(x, ids, pos, 2, 2, implementation="cuda")
+        with pytest.raises(ValueError, match="pos_TxK"):
+            dsp.dispatch(x, ids, pos[:, :1], 2, 2)
+        with pytest.raises(ValueError, match="expert_ids_TxK"):
+            dsp.dispatch(x[:2], ids, pos, 2, 2)
+        with pytest.raises(ValueError, match="weights_TxK"):
+            dsp.combine(jnp.ones((2, 2, 4)), ids, pos, jnp.ones((3, 1)))
+        with pytest.raises(ValueError, match="buf_ExCxD"):
+            dsp.combine(jnp.ones((4, 4)), ids, pos, jnp.ones((3, 2)))
+
+    def test_resolve_implementation(self):
+        assert dsp.resolve_implementation("reference") == "reference"
+        assert dsp.resolve_implementation(["mosaic_tpu", "xla"]) in ("mosaic_tpu", "xla")
+        assert dsp.resolve_implementation(["triton", "xla"], interpret=True) == "triton"
+        if jax.default_backend() == "cpu":
+            assert dsp.resolve_implementation(None) == "xla"
+            with pytest.raises(ValueError, match="implementation"):
+                dsp.resolve_implementation("triton")
+
+
+class DispatchImplTest:
+    """Shared checks; subclasses set `implementation` and `interpret`."""
+
+    implementation = "xla"
+    interpret = False
+
+    def _kw(self):
+        return dict(implementation=self.implementation, interpret=self.interpret)
+
+    def _inputs(self, case, dtype=jnp.float32):
+        rng = case["rng"]
+        pos = dsp.positions(case["ids"], case["valid"], case["e"], priority_TxK=case["prio"])
+        x = jnp.asarray(rng.normal(size=(case["t"], case["d"])), dtype)
+        w = jnp.asarray(rng.random((case["t"], case["k"])), jnp.float32)
+        buf = jnp.asarray(rng.normal(size=(case["e"], case["c"], case["d"])), dtype)
+        dy = jnp.asarray(rng.normal(size=(case["t"], case["d"])), dtype)
+        return pos, x, w, buf, dy
+
+    @_SETTINGS
+    @given(routing_cases())
+    def test_dispatch_forward_and_grad(self, case):
+        pos, x, _, buf, _ = self._inputs(case)
+        ids, e, c = case["ids"], case["e"], case["c"]
+
+        def f(x, impl_kw):
+            return dsp.dispatch(x, ids, pos, e, c, **impl_kw)
+
+        got, vjp = jax.vjp(lambda x: f(x, self._kw()), x)
+        want, vjp_ref = jax.vjp(lambda x: reference.dispatch(x, ids, pos, e, c), x)
+        assert got.shape == (e, c, case["d"]) and got.dtype == x.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        (dx,) = vjp(buf)
+        (dx_ref,) = vjp_ref(buf)
+        np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-5, atol=1e-5)
+
+    @_SETTINGS
+    @given(routing_cases())
+    def test_combine_forward_and_grads(self, case):
+        pos, _, w, buf, dy = self._inputs(case)
+        ids = case["ids"]
+        got, vjp = jax.vjp(lambda b, w: dsp.combine(b, ids, pos, w, **self._kw()), buf, w)
+        want, vjp_ref = jax.vjp(lambda b, w: reference.combine(b, ids, pos, w), buf, w)
+        assert got.shape == (case["t"], case["d"]) and got.dtype == buf.dtype
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        dbuf, dw = vjp(dy)
+        dbuf_ref, dw_ref = vjp_ref(dy)
+        np.testing.assert_allclose(np.asarray(dbuf), np.asarray(dbuf_ref), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_ref), rtol=1e-5, atol=1e-5)
+
+    @settings(max_examples=2, deadline=None, derandomize=True, suppress_health_check=_HEALTH)
+    @given(routing_cases(max_t=8, max_d=12))
+    def test_full_capacity_drops_nothing(self, case):
+        t, k, e = case["t"], case["k"], case["e"]
+        pos, x, _, _, _ = self._inputs(case)
+        c = t * k
+        assert int(dsp.dropped_count(pos, c)) == 0
+        ones = jnp.ones((t, k), jnp.float32)
+        buf = dsp.dispatch(x, case["ids"], pos, e, c, **self._kw())
+        y = dsp.combine(buf, case["ids"], pos, ones, **self._kw())
+        ids, valid = np.asarray(case["ids"]), np.asarray(case["valid"])
+        n_kept = ((ids < e) & valid).sum(axis=1)
+        np.testing.assert_allclose(
+            np.asarray(y), np.asarray(x) * n_kept[:, None], rtol=1e-5, atol=1e-5
+        )
+
+    def test_bfloat16_roundtrip_under_jit(self):
+        t, k, e, c, d = 10, 2, 3, 4, 16
+        rng = np.random.default_rng(1)
+        ids = jnp.asarray(rng.integers(0, e, (t, k)), jnp.int32)
+        pos = dsp.positions(ids, jnp.ones((t, k), bool), e)
+        x = jnp.asarray(rng.normal(size=(t, d)), jnp.bfloat16)
+        w = jnp.asarray(rng.random((t, k)), jnp.float32)
+
+        def loss(x, w, kw):
+            buf = (
+                dsp.dispatch(x, ids, pos, e, c, **kw)
+                if kw
+                else reference.dispatch(x, ids, pos, e, c)
+            )
+            y = (
+                dsp.combine(buf * 2, ids, pos, w, **kw)
+                if kw
+                else reference.combine(buf * 2, ids, pos, w)
+            )
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        got = jax.jit(jax.value_and_grad(lambda x, w: loss(x, w, self._kw()), (0, 1)))(x, w)
+        want = jax.value_and_grad(lambda x, w: loss(x, w, None), (0, 1))(x, w)
+        assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.float32
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(
+                np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2
+            )
+
+
+class TestReference(DispatchImplTest):
+    implementation = "reference"
+
+
+class TestXla(DispatchImplTest):
+    implementation = "xla"
+
+    def test_memory_is_index_based(self):
+        """Compiled temporaries stay far below one [T, E, C] float tensor."""
+        t, k, e, d = 2048, 2, 64, 64
+        c = int(np.ceil(1.25 * t * k / e))
+        rng = np.random.default_rng(0)
+        ids = jnp.asarray(rng.integers(0, e, (t, k)), jnp.int32)
+        pos = dsp.positions(ids, jnp.ones((t, k), bool), e)
+        x = jnp.ones((t, d))
+        w = jnp.ones((t, k))
+
+        def loss(x, w):
+            buf = dsp.dispatch(x, ids, pos, e, c, implementation="xla")
+            return jnp.sum(dsp.combine(buf, ids, pos, w, implementation="xla") ** 2)
+
+        compiled = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        assert temp < t * e * c * 4 / 4, temp
+
+
+class TestMosaicTpuInterpret(DispatchImplTest):
+    implementation = "mosaic_tpu"
+    interpret = True
+
+
+class TestTritonInterpret(DispatchImplTest):
+    implementation = "triton"
+    interpret = True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend")
+class TestTritonCompiled(DispatchImplTest):
+    implementation = "triton"
+    interpret = False
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU backend")
+class TestMosaicTpuCompiled(DispatchImplTest):
+    implementation = "mosaic_tpu"
+    interpret = False
