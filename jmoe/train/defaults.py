@@ -1,0 +1,56 @@
+"""The base experiment config every file in `configs/` starts from.
+
+Every field exists here with its type, so `--config.x=y` overrides are type-checked by
+`ml_collections` and unknown fields fail fast; `jmoe.models.build` validates the model
+and MoE fields again (naming the field).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from jmoe.models.config import ModelConfig, MoEConfig
+
+
+def _dataclass_dict(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = _dataclass_dict(ModelConfig)
+    c.model.input_shape = (8, 8)
+    c.moe = _dataclass_dict(MoEConfig)
+    c.data = dict(
+        kind="text",  # text (LM on bytes) or digits (sklearn digits classification).
+        path="",  # text: a file or directory of text files; "" = the Python stdlib sources.
+        glob="*.py",  # files picked from `path` when it is a directory ("" with path: all files).
+        max_bytes=0,  # cap on the training bytes read (0: no cap).
+        heldout_percent=10,  # held-out split by file (text) or by example (digits).
+        seq_len=128,
+        batch_size=32,
+        eval_batches=8,
+        worker_count=0,
+    )
+    c.optim = dict(
+        lr=3e-3,
+        min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio.
+        warmup_steps=50,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,
+    )
+    c.train = dict(
+        steps=1000,
+        log_every=50,
+        eval_every=200,
+        checkpoint_every=200,
+        keep_checkpoints=3,
+        progress_bar=True,
+        tensorboard=True,
+    )
+    c.lock()
+    return c
