@@ -19,5 +19,5 @@ def get_config():
     c.moe.update(num_experts=4, top_k=2, d_ff=192, router="topk")
     c.data.update(seq_len=64, batch_size=32, max_bytes=4_000_000, eval_batches=8)
     c.optim.update(lr=4e-3, warmup_steps=30)
-    c.train.update(steps=500, log_every=50, eval_every=250, checkpoint_every=250)
+    c.train.update(steps=300, log_every=50, eval_every=150, checkpoint_every=150)
     return c

@@ -209,7 +209,7 @@ class MoEStack(nn.Module):
         c, m = self.model, self.moe
         specs = layer_specs(c, m)
         prev_logits = None
-        aux = {"layers": {}, "router_state_counts": {}}
+        aux = {"layers": {}, "router_state_counts": {}, "router_logits": {}}
         for i in range(c.num_layers):
             x, a = Block(c, m, specs.get(i), self.causal, name=f"layer_{i}")(
                 x,
@@ -223,6 +223,7 @@ class MoEStack(nn.Module):
                 continue
             prev_logits = a["router_logits"]
             aux["layers"][f"layer_{i}"] = {k: a[k] for k in STAT_KEYS}
+            aux["router_logits"][f"layer_{i}"] = a["router_logits"]
             if m.router == "sigmoid":
                 aux["router_state_counts"][f"layer_{i}"] = {
                     "ffn": bias_counts(a, specs[i][0] * m.fine_grained, m.chain_iterations > 1)

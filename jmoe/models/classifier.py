@@ -20,7 +20,7 @@ class MLPStack(nn.Module):
         c, m = self.model, self.moe
         dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
         specs = layer_specs(c, m)
-        aux = {"layers": {}, "router_state_counts": {}}
+        aux = {"layers": {}, "router_state_counts": {}, "router_logits": {}}
         prev = None
         from jmoe.models.blocks import LOSS_KEYS, STAT_KEYS, bias_counts
 
@@ -36,6 +36,7 @@ class MLPStack(nn.Module):
             x = x + y.astype(x.dtype)
             prev = a["router_logits"]
             aux["layers"][f"layer_{i}"] = {k: a[k] for k in STAT_KEYS}
+            aux["router_logits"][f"layer_{i}"] = a["router_logits"]
             if m.router == "sigmoid":
                 aux["router_state_counts"][f"ffn_{i}"] = bias_counts(
                     a, specs[i][0] * m.fine_grained, m.chain_iterations > 1

@@ -46,7 +46,7 @@ MOE_LAYER_FIELDS = (
 def _check_type(cls_name: str, name: str, value, typ) -> Any:
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if typing.get_origin(typ) in (tuple,):
+    if typ is tuple or typing.get_origin(typ) is tuple:
         if not isinstance(value, tuple | list):
             raise TypeError(f"{cls_name}.{name} must be a tuple, got {value!r}")
         return tuple(value)

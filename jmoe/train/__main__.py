@@ -1,0 +1,26 @@
+"""python -m jmoe.train --config configs/lm_tiny.py --workdir runs/tiny [--config.x=y]"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    from jmoe import models
+    from jmoe.train import loop
+
+    cfg = _CONFIG.value
+    models.build(cfg)  # validates the model and MoE fields before any data is read.
+    final = loop.train_and_evaluate(cfg, _WORKDIR.value)
+    keys = ("heldout_loss", "heldout_accuracy", "unigram_entropy", "tokens_per_s")
+    print(" ".join(f"{k}={float(final[k]):.4f}" for k in keys if k in final))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

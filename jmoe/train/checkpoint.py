@@ -1,0 +1,57 @@
+"""Orbax checkpoints of the train state plus the data iterator position.
+
+Each save is written to a temporary directory and renamed when complete, so a run killed
+mid-save leaves the previous checkpoints intact and the partial one is ignored (and
+cleaned up) on restart.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=options,
+        item_names=("state", "data"),
+    )
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        ),
+        force=True,
+    )
+    mngr.wait_until_finished()
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
+    """(state, data_state, step) from the latest complete checkpoint, or None."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+        ),
+    )
+    return out["state"], out["data"], step
+
+
+def restore_params(workdir: str, abstract_state):
+    """The latest checkpoint's state (for sampling), or raises FileNotFoundError."""
+    mngr = manager(workdir, keep=1000)
+    got = restore_latest(mngr, abstract_state)
+    if got is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    return got[0], got[2]

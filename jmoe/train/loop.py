@@ -1,0 +1,104 @@
+"""The training loop: data -> jitted train step -> metrics, eval and checkpoints."""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jmoe import models
+from jmoe.train import checkpoint, data, metrics, optim, step
+
+
+def _mean_metrics(rows: list[dict]) -> dict:
+    out = {}
+    for k in rows[0]:
+        vals = np.stack([np.asarray(r[k]) for r in rows])
+        out[k] = vals.sum(0) if k.endswith("_hist") else vals.mean(0)
+    return out
+
+
+def evaluate(eval_fn, state, batches) -> dict:
+    rows = [
+        jax.device_get(eval_fn(state.params, state.router_state, b, state.rng)) for b in batches
+    ]
+    m = _mean_metrics(rows)
+    out = {"split": "heldout", "heldout_loss": m.pop("ce"), "heldout_accuracy": m.pop("accuracy")}
+    return {**out, **m}
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict:
+    """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json(indent=2))
+    ds, eval_batches, info = data.make_data(cfg, cfg.seed)
+    with open(os.path.join(workdir, "data_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    model = models.build(cfg)
+    optimizer, schedule = optim.make_optimizer(cfg)
+    example = ds[0]
+    abstract = jax.eval_shape(lambda: step.init_state(model, optimizer, example, cfg.seed))
+    mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
+    restored = checkpoint.restore_latest(mngr, abstract)
+    it = iter(ds.to_iter_dataset())
+    if restored is None:
+        state, start = step.init_state(model, optimizer, example, cfg.seed), 0
+    else:
+        state, data_state, start = restored
+        it.set_state(data_state)
+        print(f"resumed from step {start}")
+    train_step = jax.jit(step.make_train_step(model, optimizer, cfg))
+    eval_step = jax.jit(step.make_eval_step(model, cfg))
+    writer = metrics.MetricsWriter(workdir, cfg.train.tensorboard)
+    t = cfg.train
+    tokens_per_batch = int(np.prod(example["targets"].shape))
+    window, t0, final = [], time.perf_counter(), {}
+    bar = tqdm(total=t.steps, initial=start, disable=not t.progress_bar, desc="train")
+    for s in range(start, t.steps):
+        batch = next(it)
+        state, m = train_step(state, batch, jax.random.fold_in(state.rng, s))
+        window.append(m)
+        done = s + 1
+        if done % t.log_every == 0 or done == t.steps:
+            rows = jax.device_get(window)
+            dt = time.perf_counter() - t0
+            row = {
+                "split": "train",
+                **_mean_metrics(rows),
+                "lr": float(schedule(s)),
+                "tokens_per_s": tokens_per_batch * len(rows) / dt,
+            }
+            writer.write(done, row)
+            bar.set_postfix(loss=f"{row['ce']:.3f}")
+            final.update(row)
+            window, t0 = [], time.perf_counter()
+        if done % t.eval_every == 0 or done == t.steps:
+            ev = evaluate(eval_step, state, eval_batches)
+            writer.write(done, ev)
+            final.update(ev)
+            tqdm.write(f"step {done}: heldout_loss {ev['heldout_loss']:.4f}")
+            t0 = time.perf_counter()
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            checkpoint.save(mngr, done, state, it.get_state())
+            t0 = time.perf_counter()
+        bar.update(1)
+    bar.close()
+    writer.close()
+    mngr.close()
+    final.update({"step": t.steps, **info})
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        json.dump({k: metrics.to_python(v) for k, v in final.items()}, f, indent=2)
+    return final
+
+
+def held_out_loss(cfg, state, eval_batches) -> float:
+    model = models.build(cfg)
+    fn = jax.jit(step.make_eval_step(model, cfg))
+    return float(evaluate(fn, state, eval_batches)["heldout_loss"])
+
+
+__all__ = ["evaluate", "held_out_loss", "jnp", "train_and_evaluate"]

@@ -1,0 +1,144 @@
+"""Train state and pure train / eval steps (no jit inside: callers jit with shardings)."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jmoe import routing as routing_lib
+from jmoe.models import layer_specs, split
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a resumed run needs: step, params, optimizer state, router state, rng."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    router_state: Any
+    rng: jax.Array
+
+
+def init_state(model: nn.Module, optimizer, batch, seed: int) -> TrainState:
+    """Initial state (params unboxed; use `jax.eval_shape` on this for abstract shapes)."""
+    rng = jax.random.PRNGKey(seed)
+    k_params, k_router, k_train = jax.random.split(rng, 3)
+    variables = model.init(
+        {"params": k_params, "router": k_router}, jnp.asarray(batch["inputs"][:1])
+    )
+    variables = nn.meta.unbox(variables)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        router_state=variables.get("router_state", {}),
+        rng=k_train,
+    )
+
+
+def _losses(logits, targets):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    acc = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return jnp.mean(ce), jnp.mean(acc)
+
+
+def _layer_metrics(aux) -> dict[str, Any]:
+    out = {}
+    for name, stats in aux["layers"].items():
+        for k, v in stats.items():
+            if not k.endswith("_loss"):
+                out[f"moe/{name}/{k}"] = v
+    return out
+
+
+def make_train_step(model: nn.Module, optimizer, cfg):
+    """`train_step(state, batch, rng) -> (state, metrics)`, a pure function of pytrees.
+
+    Loss = cross-entropy + `moe.load_balance_weight` * balance loss + `moe.z_loss_weight`
+    * z-loss + `moe.entropy_loss_weight` * router entropy loss (all summed over MoE layers).
+    For the `sigmoid` router the selection biases are moved by the aux-loss-free rule with
+    this step's expert counts (outside the gradient).
+    """
+    moe = cfg.moe
+
+    def loss_fn(params, state, batch, rng):
+        variables = {"params": params}
+        if state.router_state:
+            variables["router_state"] = state.router_state
+        logits, aux = model.apply(
+            variables, batch["inputs"], deterministic=False, rngs={"router": rng}
+        )
+        ce, acc = _losses(logits, batch["targets"])
+        loss = (
+            ce
+            + moe.load_balance_weight * aux["load_balance_loss"]
+            + moe.z_loss_weight * aux["z_loss"]
+            + moe.entropy_loss_weight * aux["entropy_loss"]
+        )
+        return loss, (ce, acc, aux)
+
+    def train_step(state: TrainState, batch, rng):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (ce, acc, aux)), grads = grad_fn(state.params, state, batch, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        router_state = state.router_state
+        if router_state:
+            router_state = jax.tree.map(
+                lambda b, c: routing_lib.aux_free_bias_update(b, c, moe.bias_update_gamma),
+                router_state,
+                aux["router_state_counts"],
+            )
+        metrics = {
+            "loss": loss,
+            "ce": ce,
+            "accuracy": acc,
+            "grad_norm": optax.global_norm(grads),
+            "load_balance_loss": aux["load_balance_loss"],
+            "z_loss": aux["z_loss"],
+            "entropy_loss": aux["entropy_loss"],
+            **_layer_metrics(aux),
+        }
+        new = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, router_state=router_state
+        )
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, cfg):
+    """`eval_step(params, router_state, batch, rng) -> metrics` (deterministic routing).
+
+    Also returns, per MoE layer, `moe/layer_l/experts_per_token_hist`: how many tokens used
+    0, 1, ..., K FFN experts (routing recomputed from the layer's logits; for a
+    Chain-of-Experts layer, its last iteration).
+    """
+    mcfg, moe_cfg = split(cfg)
+    specs = layer_specs(mcfg, moe_cfg)
+
+    def eval_step(params, router_state, batch, rng):
+        variables = {"params": params}
+        if router_state:
+            variables["router_state"] = router_state
+        logits, aux = model.apply(
+            variables, batch["inputs"], deterministic=True, rngs={"router": rng}
+        )
+        ce, acc = _losses(logits, batch["targets"])
+        out = {"ce": ce, "accuracy": acc, **_layer_metrics(aux)}
+        for name, logits_l in aux.get("router_logits", {}).items():
+            e, k = specs[int(name.split("_")[1])]
+            rcfg = moe_cfg.layer(num_experts=e, top_k=k).router_config
+            if rcfg.kind in ("sigmoid", "hash", "stochastic"):
+                continue
+            r = routing_lib.route(logits_l.reshape(-1, logits_l.shape[-1]), rcfg)
+            ept = jnp.sum(r.active(rcfg.num_experts), axis=-1)
+            out[f"moe/{name}/experts_per_token_hist"] = jnp.bincount(ept, length=rcfg.max_slots + 1)
+        return out
+
+    return eval_step
