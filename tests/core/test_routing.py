@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jmoe import dispatch as D
 from jmoe import routing as R
 
 SETTINGS = settings(max_examples=6, deadline=None)
@@ -201,4 +202,7 @@ def test_null_and_zero_experts_are_inactive(case, extra, data):
         r = _route(_logits(seed, t, cfg.num_selectable), cfg)
         ids, act = np.asarray(r.expert_ids), np.asarray(r.active(e))
         np.testing.assert_array_equal(act, ids < e)
+        x = jnp.ones((t, 3))
+        _, plan = D.dropless_dispatch(x, r, e)  # only FFN-expert slots become GEMM rows.
+        assert int(plan.group_sizes_E.sum()) == int(act.sum())
         assert np.all(np.asarray(r.weights) >= 0)
