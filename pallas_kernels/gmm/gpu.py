@@ -52,42 +52,87 @@ def _visit_table(group_sizes_G: jax.Array, num_rows: int, bm: int):
     return group_V, start_V, end_V
 
 
+def _mask(*conds):
+    """AND of the non-None (row, col) conditions as a 2-D mask, or None if all are None."""
+    rows, cols = conds
+    if rows is None and cols is None:
+        return None
+    if rows is None:
+        return jnp.broadcast_to(cols[None, :], (1, cols.shape[0]))
+    if cols is None:
+        return rows[:, None]
+    return rows[:, None] & cols[None, :]
+
+
 def _gmm_kernel(
-    group_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *, bm, bn, bk, k, n, num_groups,
+    group_ref,
+    start_ref,
+    end_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    *,
+    bm,
+    bn,
+    bk,
+    m,
+    k,
+    n,
+    num_groups,
+    num_visits,
+    group_m,
     transpose_rhs,
 ):
-    v = pl.program_id(0)
-    j = pl.program_id(1)
+    # Swizzled 1-D grid: super-blocks of `group_m` visits x all N tiles, visits fastest, so
+    # CTAs resident together share both lhs rows and weight tiles in L2.
+    pid = pl.program_id(0)
+    num_n = _cdiv(n, bn)
+    per_super = group_m * num_n
+    first_v = (pid // per_super) * group_m
+    rows_in_super = jnp.minimum(num_visits - first_v, group_m)
+    v = first_v + (pid % per_super) % rows_in_super
+    j = (pid % per_super) // rows_in_super
+
     g = group_ref[v]
     s = start_ref[v]
     e = end_ref[v]
-    rows_m = s + jnp.arange(bm, dtype=jnp.int32)
+    # Shift the chunk back so that loads stay in bounds without a row mask (M >= bm); rows
+    # before `s` belong to someone else and are masked on the store.
+    s_load = jnp.minimum(s, m - bm) if m >= bm else s
+    rows_m = s_load + jnp.arange(bm, dtype=jnp.int32)
     cols_n = j * bn + jnp.arange(bn, dtype=jnp.int32)
-    out_mask = (rows_m < e)[:, None] & (cols_n < n)[None, :]
-    out_at = out_ref.at[pl.ds(s, bm), pl.ds(j * bn, bn)]
+    row_ok = (rows_m >= s) & (rows_m < e)
+    out_mask = _mask(row_ok, None if n % bn == 0 else cols_n < n)
+    out_at = out_ref.at[pl.ds(s_load, bm), pl.ds(j * bn, bn)]
+    load_rows = None if m >= bm else rows_m < m
+    col_ok = None if n % bn == 0 else cols_n < n
 
     @pl.when(g < num_groups)
     def _compute():
         def body(kk, acc_mxn):
             ks_k = kk * bk + jnp.arange(bk, dtype=jnp.int32)
+            k_ok = None if k % bk == 0 else ks_k < k
+            x_mask = _mask(load_rows, k_ok)
             x_mxk = pltr.load(
-                lhs_ref.at[pl.ds(s, bm), pl.ds(kk * bk, bk)],
-                mask=(rows_m < e)[:, None] & (ks_k < k)[None, :],
-                other=0,
+                lhs_ref.at[pl.ds(s_load, bm), pl.ds(kk * bk, bk)],
+                mask=x_mask,
+                other=None if x_mask is None else 0,
             )
             if transpose_rhs:
+                w_mask = _mask(col_ok, k_ok)
                 w_nxk = pltr.load(
                     rhs_ref.at[g, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)],
-                    mask=(cols_n < n)[:, None] & (ks_k < k)[None, :],
-                    other=0,
+                    mask=w_mask,
+                    other=None if w_mask is None else 0,
                 )
                 dims = (((1,), (1,)), ((), ()))
                 y = lax.dot_general(x_mxk, w_nxk, dims, preferred_element_type=jnp.float32)
             else:
+                w_mask = _mask(k_ok, col_ok)
                 w_kxn = pltr.load(
                     rhs_ref.at[g, pl.ds(kk * bk, bk), pl.ds(j * bn, bn)],
-                    mask=(ks_k < k)[:, None] & (cols_n < n)[None, :],
-                    other=0,
+                    mask=w_mask,
+                    other=None if w_mask is None else 0,
                 )
                 y = jnp.dot(x_mxk, w_kxn, preferred_element_type=jnp.float32)
             return acc_mxn + y
@@ -109,8 +154,9 @@ def gmm(
     preferred_element_type=None,
     interpret: bool = False,
     block_m: int = 128,
-    block_n: int = 128,
+    block_n: int = 256,
     block_k: int = 64,
+    group_m: int = 8,
     num_warps: int = 8,
     num_stages: int = 3,
 ) -> jax.Array:
@@ -124,6 +170,7 @@ def gmm(
       preferred_element_type: output dtype (default ``lhs.dtype``).
       interpret: run the kernel in the Pallas interpreter (CPU testing).
       block_m, block_n, block_k: tile sizes.
+      group_m: visits per swizzle super-block (L2 reuse).
       num_warps, num_stages: Triton compiler parameters.
 
     Returns:
@@ -137,25 +184,33 @@ def gmm(
         return jnp.zeros((0, n), out_dtype)
     group_V, start_V, end_V = _visit_table(group_sizes_G, m, block_m)
     kernel = functools.partial(
-        _gmm_kernel, bm=block_m, bn=block_n, bk=block_k, k=k, n=n, num_groups=num_groups,
+        _gmm_kernel,
+        bm=block_m,
+        bn=block_n,
+        bk=block_k,
+        m=m,
+        k=k,
+        n=n,
+        num_groups=num_groups,
+        num_visits=group_V.shape[0],
+        group_m=group_m,
         transpose_rhs=transpose_rhs,
     )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(group_V.shape[0], _cdiv(n, block_n)),
+        grid=(group_V.shape[0] * _cdiv(n, block_n),),
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jmoe_gmm_triton",
     )(group_V, start_V, end_V, lhs_MxK, rhs_GxKxN)
 
 
-def _tgmm_kernel(
-    start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, bm, bk, bn, k, n
-):
-    g = pl.program_id(0)
+def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, bm, bk, bn, k, n):
+    # N tiles fastest, then K tiles: the CTAs resident together read the same group's rows.
+    j = pl.program_id(0)
     ki = pl.program_id(1)
-    j = pl.program_id(2)
+    g = pl.program_id(2)
     s = start_ref[g]
     e = end_ref[g]
     ks_k = ki * bk + jnp.arange(bk, dtype=jnp.int32)
@@ -227,7 +282,7 @@ def tgmm(
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-        grid=(num_groups, _cdiv(k, block_k), _cdiv(n, block_n)),
+        grid=(_cdiv(n, block_n), _cdiv(k, block_k), num_groups),
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jmoe_tgmm_triton",

@@ -1,0 +1,327 @@
+"""Grouped-matmul benchmark: CPU fp32 table (default) and GPU bf16 table (``--gpu``).
+
+Usage:
+  python benchmarks/gmm.py [--quick] [--write BENCHMARKS.md]
+  python benchmarks/gmm.py --gpu [--quick] [--sweep] [--out results.md]
+
+All columns of a table are measured side by side in one run (medians over repeats).
+"""
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.gmm import api  # noqa: E402
+
+CPU_SHAPES = {  # name: (M = T*K, K = D, N = F, G = E)
+    "Mixtral-mini": (4096, 512, 1024, 8),
+    "OLMoE-mini": (4096, 512, 256, 64),
+    "DeepSeek-mini": (8192, 512, 128, 256),
+}
+GPU_SHAPES = {
+    "Mixtral-8x7B": (8192, 4096, 14336, 8),
+    "DeepSeek-V3": (65536, 7168, 2048, 256),
+    "OLMoE": (65536, 2048, 1024, 64),
+    "Llama-4-16e": (8192, 5120, 8192, 16),
+}
+ROUTINGS = ("balanced", "random", "skewed", "empty")
+
+
+def group_sizes(m: int, g: int, routing: str, seed: int = 0) -> np.ndarray:
+    """Rows per group summing to ``m``.
+
+    balanced: equal; random: multinomial over Dirichlet(1) probabilities; skewed: expert 0 gets
+    50%, the rest uniform; empty: a quarter of the experts get nothing, the rest balanced.
+    """
+    rng = np.random.default_rng(seed)
+    if routing == "balanced":
+        p = np.ones(g) / g
+    elif routing == "random":
+        p = rng.dirichlet(np.ones(g))
+    elif routing == "skewed":
+        p = np.r_[0.5, np.full(g - 1, 0.5 / (g - 1))]
+    elif routing == "empty":
+        p = np.ones(g)
+        p[rng.permutation(g)[: g // 4]] = 0
+        p /= p.sum()
+    else:
+        raise ValueError(routing)
+    if routing == "balanced":
+        sizes = np.full(g, m // g)
+        sizes[: m - sizes.sum()] += 1
+        return sizes.astype(np.int32)
+    return rng.multinomial(m, p).astype(np.int32)
+
+
+def timeit(fn, *args, repeats: int = 5, inner: int = 1) -> float:
+    """Median seconds per call after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def temp_bytes(fn, *args) -> int:
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else -1
+
+
+def _fwd_bwd(f):
+    """jit(grad) of sum(f(x, w) * c) with a fixed random cotangent c."""
+
+    def loss(x, w, c):
+        return jnp.sum(f(x, w).astype(jnp.float32) * c)
+
+    return jax.jit(jax.grad(loss, (0, 1)))
+
+
+def cpu_table(quick: bool) -> str:
+    repeats = 3 if quick else 7
+    shapes = {"Mixtral-mini": CPU_SHAPES["Mixtral-mini"]} if quick else CPU_SHAPES
+    routings = ("balanced", "skewed") if quick else ROUTINGS
+    rows = [
+        "| shape (M,K,N,G) | routing | ours fwd+bwd ms | GFLOP/s (active) | vs dense | "
+        "vs ragged_dot | fwd+bwd / fwd | ours temp MiB | ragged_dot temp MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rng = np.random.default_rng(0)
+    for name, (m, k, n, g) in shapes.items():
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.float32)
+        c = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+        dense = _fwd_bwd(lambda x, w: jnp.dot(x, w[0]))
+        for routing in routings:
+            gs = jnp.asarray(group_sizes(m, g, routing))
+            ours_f = lambda x, w, gs=gs: api.gmm(x, w, gs, implementation="xla")
+            rd_f = lambda x, w, gs=gs: jax.lax.ragged_dot(x, w, gs)
+            ours, rd = _fwd_bwd(ours_f), _fwd_bwd(rd_f)
+            ours_fwd = jax.jit(ours_f)
+            # Interleave the measurements so drift on a shared machine hits all columns alike.
+            t = {"ours": [], "dense": [], "rd": [], "fwd": []}
+            fns = {
+                "ours": (ours, (x, w, c)),
+                "dense": (dense, (x, w, c)),
+                "rd": (rd, (x, w, c)),
+                "fwd": (ours_fwd, (x, w)),
+            }
+            for _ in range(repeats):
+                for key, (fn, args) in fns.items():
+                    t[key].append(timeit(fn, *args, repeats=1))
+            med = {key: statistics.median(v) for key, v in t.items()}
+            flops = 3 * 2 * m * k * n
+            mem_ours = temp_bytes(
+                jax.grad(lambda x, w, c, f=ours_f: jnp.sum(f(x, w) * c), (0, 1)), x, w, c
+            )
+            mem_rd = temp_bytes(
+                jax.grad(lambda x, w, c, f=rd_f: jnp.sum(f(x, w) * c), (0, 1)), x, w, c
+            )
+            rows.append(
+                f"| {name} ({m},{k},{n},{g}) | {routing} | {med['ours'] * 1e3:.1f} | "
+                f"{flops / med['ours'] / 1e9:.0f} | {med['dense'] / med['ours']:.2f}x | "
+                f"{med['rd'] / med['ours']:.1f}x | {med['ours'] / med['fwd']:.2f} | "
+                f"{mem_ours / 2**20:.1f} | {mem_rd / 2**20:.1f} |"
+            )
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------- GPU
+
+
+def _gpu_time(fn, *args, repeats=5, inner=5):
+    return timeit(fn, *args, repeats=repeats, inner=inner)
+
+
+def _torch_grouped_mm(x_np, w_np, sizes, repeats=5, inner=5):
+    import torch
+
+    if not hasattr(torch, "_grouped_mm"):
+        return None
+    x = torch.from_numpy(x_np).to("cuda", torch.bfloat16)
+    w = torch.from_numpy(w_np).to("cuda", torch.bfloat16)  # [G, K, N]
+    w = w.transpose(-2, -1).contiguous().transpose(-2, -1)  # column-major per group
+    offs = torch.from_numpy(np.cumsum(sizes).astype(np.int32)).to("cuda")
+    fn = lambda: torch._grouped_mm(x, w, offs=offs, out_dtype=torch.bfloat16)
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def gpu_table(quick: bool, sweep: bool) -> str:
+    from pallas_kernels.gmm import gpu
+
+    try:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    except Exception:  # noqa: BLE001
+        ragged_dot_mgpu = None
+    shapes = GPU_SHAPES
+    if quick:
+        shapes = {k: (m // 8, kk // 2, n // 2, g) for k, (m, kk, n, g) in GPU_SHAPES.items()}
+    routing = "balanced"
+    rows = [
+        "| shape (M,K,N,G) | routing | ours fwd TFLOP/s | config | dense | ragged_dot | "
+        "ragged_dot_mgpu | torch._grouped_mm | ours/dense | ours fwd+bwd TFLOP/s | "
+        "dense fwd+bwd |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    configs = [(128, 256, 64, 8, 8, 3)]  # (block_m, block_n, block_k, group_m, warps, stages)
+    if sweep:
+        configs += [
+            (128, 256, 64, 8, 8, 4),
+            (128, 256, 64, 16, 8, 3),
+            (128, 256, 64, 4, 8, 3),
+            (256, 128, 64, 8, 8, 3),
+            (128, 128, 64, 8, 4, 4),
+            (128, 256, 32, 8, 8, 5),
+        ]
+    rng = np.random.default_rng(0)
+    for name, (m, k, n, g) in shapes.items():
+        sizes = group_sizes(m, g, routing)
+        x_np = rng.standard_normal((m, k), dtype=np.float32)
+        w_np = (rng.standard_normal((g, k, n), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+        x = jnp.asarray(x_np, jnp.bfloat16)
+        w = jnp.asarray(w_np, jnp.bfloat16)
+        gs = jnp.asarray(sizes)
+        flops = 2 * m * k * n
+        tf = lambda t, flops=flops: f"{flops / t / 1e12:.0f}" if t else "n/a"
+        best = (None, None)
+        for cfg in configs:
+            bm, bn, bk, gm, nw, ns = cfg
+            f = jax.jit(
+                functools.partial(
+                    gpu.gmm,
+                    block_m=bm,
+                    block_n=bn,
+                    block_k=bk,
+                    group_m=gm,
+                    num_warps=nw,
+                    num_stages=ns,
+                )
+            )
+            try:
+                out = f(x, w, gs)
+                # Check a row slice against an f32 XLA reference for every config.
+                # Rows [a, b) of the last non-empty group (crosses no boundary).
+                last = int(np.nonzero(sizes)[0][-1])
+                b_row = int(sizes[: last + 1].sum())
+                a_row = max(int(sizes[:last].sum()), b_row - 256)
+                want = jnp.dot(x[a_row:b_row].astype(jnp.float32), w[last].astype(jnp.float32))
+                got = out[a_row:b_row].astype(jnp.float32)
+                err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+                t = _gpu_time(f, x, w, gs)
+            except Exception as e:  # noqa: BLE001
+                print(f"{name} cfg {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            print(f"{name} cfg {cfg}: {tf(t)} TFLOP/s rel err {err:.1e}", flush=True)
+            if err < 2e-2 and (best[0] is None or t < best[0]):
+                best = (t, cfg)
+        t_ours, cfg = best
+        dense = jax.jit(lambda x, w: jnp.dot(x, w[0]))
+        t_dense = _gpu_time(dense, x, w)
+        try:
+            rd = jax.jit(lambda x, w, gs: jax.lax.ragged_dot(x, w, gs))
+            t_rd = _gpu_time(rd, x, w, gs, repeats=3, inner=1)
+        except Exception as e:  # noqa: BLE001
+            print(f"ragged_dot failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            t_rd = None
+        t_mgpu = None
+        if ragged_dot_mgpu is not None:
+            for bn_grid in (8, 4, 2, 1):
+                if n % (bn_grid * 128):
+                    continue
+                try:
+                    mg = jax.jit(
+                        functools.partial(
+                            ragged_dot_mgpu.ragged_dot,
+                            group_sizes=gs,
+                            block_m=128,
+                            block_n=128,
+                            block_k=64,
+                            max_concurrent_steps=4,
+                            grid_block_n=bn_grid,
+                        )
+                    )
+                    t_mgpu = _gpu_time(mg, x, w)
+                    break
+                except Exception as e:  # noqa: BLE001
+                    print(f"mgpu failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        try:
+            t_torch = _torch_grouped_mm(x_np, w_np, sizes)
+        except Exception as e:  # noqa: BLE001
+            print(f"torch failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            t_torch = None
+        c = jnp.asarray(rng.standard_normal((m, n), dtype=np.float32), jnp.bfloat16)
+        loss = lambda f: jax.jit(
+            jax.grad(lambda x_, w_, c_: jnp.sum((f(x_, w_) * c_).astype(jnp.float32)), (0, 1))
+        )
+        try:
+            fb = loss(lambda x_, w_, gs=gs: api.gmm(x_, w_, gs, implementation="triton"))
+            t_fb = _gpu_time(fb, x, w, c, repeats=3, inner=2)
+        except Exception as e:  # noqa: BLE001
+            print(f"fwd+bwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            t_fb = None
+        t_dfb = _gpu_time(loss(lambda x_, w_: jnp.dot(x_, w_[0])), x, w, c, repeats=3, inner=2)
+        tf3 = lambda t, flops=flops: f"{3 * flops / t / 1e12:.0f}" if t else "n/a"
+        rows.append(
+            f"| {name} ({m},{k},{n},{g}) | {routing} | {tf(t_ours)} | {cfg} | {tf(t_dense)} | "
+            f"{tf(t_rd)} | {tf(t_mgpu)} | {tf(t_torch)} | "
+            f"{(t_dense / t_ours) if t_ours else float('nan'):.2f} | {tf3(t_fb)} | "
+            f"{tf3(t_dfb)} |"
+        )
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def header(extra: str) -> str:
+    dev = jax.devices()[0]
+    return (
+        f"Machine: {platform.machine()} {os.cpu_count()} CPUs, device {dev.device_kind}; "
+        f"jax {jax.__version__}; {extra}\n"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="GPU: try several Triton configs")
+    parser.add_argument("--out", default=None, help="write the table (markdown) to this file")
+    args = parser.parse_args()
+    if args.gpu:
+        table = gpu_table(args.quick, args.sweep)
+        text = header("bf16 in, f32 accumulate, TFLOP/s of the forward gmm (2*M*K*N)") + table
+    else:
+        table = cpu_table(args.quick)
+        text = header("fp32, fwd+bwd (3 * 2*M*K*N active FLOPs), medians") + table
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
