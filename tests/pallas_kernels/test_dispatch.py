@@ -197,6 +197,36 @@ class DispatchImplTest:
             np.asarray(y), np.asarray(x) * n_kept[:, None], rtol=1e-5, atol=1e-5
         )
 
+    def _check_case(self, case):
+        pos, x, w, buf, dy = self._inputs(case)
+        ids, e, c = case["ids"], case["e"], case["c"]
+        got, vjp = jax.vjp(lambda x: dsp.dispatch(x, ids, pos, e, c, **self._kw()), x)
+        want, vjp_ref = jax.vjp(lambda x: reference.dispatch(x, ids, pos, e, c), x)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_allclose(
+            np.asarray(vjp(buf)[0]), np.asarray(vjp_ref(buf)[0]), rtol=1e-5, atol=1e-5
+        )
+        got, vjp = jax.vjp(lambda b, w: dsp.combine(b, ids, pos, w, **self._kw()), buf, w)
+        want, vjp_ref = jax.vjp(lambda b, w: reference.combine(b, ids, pos, w), buf, w)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        for a, b in zip(vjp(dy), vjp_ref(dy), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+    def test_multiblock_ragged_shapes(self):
+        """Several kernel blocks with ragged edges in rows (16) and columns (256)."""
+        t, k, e, c, d = 37, 2, 5, 9, 300
+        rng = np.random.default_rng(3)
+        ids = jnp.asarray(rng.integers(0, e + 1, (t, k)), jnp.int32)
+        valid = jnp.asarray(rng.random((t, k)) < 0.9)
+        case = dict(t=t, k=k, e=e, c=c, d=d, ids=ids, valid=valid, prio=None, rng=rng)
+        self._check_case(case)
+
+    @pytest.mark.slow
+    @settings(max_examples=40, deadline=None, suppress_health_check=_HEALTH)
+    @given(routing_cases(max_t=40, max_d=80))
+    def test_many_random_cases(self, case):
+        self._check_case(case)
+
     def test_bfloat16_roundtrip_under_jit(self):
         t, k, e, c, d = 10, 2, 3, 4, 16
         rng = np.random.default_rng(1)
