@@ -18,6 +18,9 @@ from jmoe import experts as experts_lib
 from jmoe import losses
 from jmoe.routing import RouterConfig, Routing, route
 from jmoe.routing.config import RouterKind, SoftmaxOrder, StochasticEval
+from jmoe.sharding import balance as balance_lib
+from jmoe.sharding import expert_parallel as ep_lib
+from jmoe.sharding.mesh import axis_size, batch_axes
 
 _fan_in = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1
@@ -70,6 +73,14 @@ class MoE(nn.Module):
     gmm_implementation: Any = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Expert parallelism (jmoe.sharding): set `expert_axis` to shard experts over that mesh axis
+    # (mesh from `mesh` or `jax.set_mesh`); tokens split over `data_axes` + `expert_axis`.
+    expert_axis: str | None = None
+    data_axes: tuple[str, ...] = ("data", "fsdp")
+    tensor_axis: str | None = None
+    mesh: Any = None
+    ep_buffer_factor: float | None = None
+    balance_loss_scope: balance_lib.BalanceLossScope = "global_batch"
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +102,11 @@ class MoE(nn.Module):
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
         if self.jitter_eps < 0 or self.min_capacity < 0:
             raise ValueError("jitter_eps and min_capacity must be >= 0")
+        if self.balance_loss_scope not in balance_lib.BALANCE_LOSS_SCOPES:
+            raise ValueError(
+                f"balance_loss_scope={self.balance_loss_scope!r} is not one of "
+                f"{balance_lib.BALANCE_LOSS_SCOPES}"
+            )
         self.router_config  # noqa: B018  (validates the router fields now)
 
     @property
@@ -130,6 +146,13 @@ class MoE(nn.Module):
         if self.activation == "swiglu":
             p["w_gate"] = mk("w_gate", shape_in, axes_in)
         return p
+
+    def _num_batch_shards(self) -> int:
+        """Data-parallel shards of the tokens (micro-batches of the `micro_batch` loss)."""
+        mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty:
+            return 1
+        return axis_size(mesh, batch_axes(mesh, self.data_axes, self.expert_axis))
 
     def _logits(self, x_TxD, prev_logits, cfg: RouterConfig, deterministic: bool):
         x = x_TxD.astype(jnp.float32)
@@ -208,6 +231,24 @@ class MoE(nn.Module):
         e, width = cfg.num_experts, self.d_ff // self.fine_grained
         params = self._expert_params(x_TxD.shape[-1], e, width)
         x = x_TxD.astype(self.dtype)
+        if self.expert_axis is not None:
+            return ep_lib.expert_parallel_ffn(
+                params,
+                x,
+                routing,
+                e,
+                mesh=self.mesh,
+                expert_axis=self.expert_axis,
+                data_axes=self.data_axes,
+                tensor_axis=self.tensor_axis,
+                dispatch=self.dispatch,
+                capacity_factor=self.capacity_factor,
+                min_capacity=self.min_capacity,
+                batch_priority=self.batch_priority,
+                activation=self.activation,
+                buffer_factor=self.ep_buffer_factor,
+                implementation=self.gmm_implementation,
+            )
         if self.dispatch == "dropless":
             xs, plan = dispatch_lib.dropless_dispatch(x, routing, e)
             ys = experts_lib.grouped_ffn(
@@ -217,7 +258,7 @@ class MoE(nn.Module):
                 self.activation,
                 implementation=self.gmm_implementation,
             )
-            return dispatch_lib.dropless_combine(ys, plan, routing, e), jnp.float32(0.0)
+            return dispatch_lib.dropless_combine(ys, plan, routing, e), jnp.float32(0.0), {}
         t, k = routing.expert_ids.shape
         cap = dispatch_lib.capacity(t, k, e, self.capacity_factor, self.min_capacity)
         buf, plan = dispatch_lib.capacity_dispatch(
@@ -226,7 +267,7 @@ class MoE(nn.Module):
         y = dispatch_lib.capacity_combine(
             experts_lib.batched_ffn(params, buf, self.activation), plan, routing, e
         )
-        return y, plan.dropped / jnp.maximum(plan.active, 1)
+        return y, plan.dropped / jnp.maximum(plan.active, 1), {}
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool = True, token_ids=None, prev_logits=None):
@@ -249,7 +290,7 @@ class MoE(nn.Module):
         x_TxD = x.reshape(-1, x.shape[-1])
         logits = self._logits(x_TxD, prev_logits, cfg, deterministic)
         routing = self._route(logits, cfg, token_ids, deterministic)
-        y, dropped_fraction = self._experts(x_TxD, routing, cfg)
+        y, dropped_fraction, ep_aux = self._experts(x_TxD, routing, cfg)
         y = y.astype(jnp.float32)
         if cfg.kind == "moepp":
             y = y + self._zero_computation(x_TxD, routing, cfg)
@@ -260,11 +301,14 @@ class MoE(nn.Module):
             shared = {k: v for k, v in shared.items()}
             y = y + experts_lib.dense_ffn(shared, x_TxD.astype(self.dtype), self.activation)
         aux = {
-            "load_balance_loss": losses.load_balance_loss(routing),
+            "load_balance_loss": balance_lib.balance_loss(
+                routing, self.balance_loss_scope, self._num_batch_shards()
+            ),
             "z_loss": losses.z_loss(routing.logits),
             "entropy_loss": losses.dynamic_loss(routing),
             "dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
             "router_logits": logits.reshape(*x.shape[:-1], cfg.num_selectable),
             **losses.routing_stats(routing, cfg.num_experts),
+            **ep_aux,
         }
         return y.astype(self.dtype).reshape(x.shape), aux

@@ -1,0 +1,46 @@
+"""Meshes, logical-axis rules and expert parallelism over `jax.sharding` meshes."""
+
+from jmoe.sharding.balance import (
+    BALANCE_LOSS_SCOPES,
+    BalanceLossScope,
+    balance_loss,
+    global_balance_loss,
+    global_bias_update,
+)
+from jmoe.sharding.expert_parallel import expert_parallel_ffn, resolve_mesh
+from jmoe.sharding.mesh import MESH_AXES, MeshConfig, axis_size, batch_axes, make_mesh
+from jmoe.sharding.rules import (
+    DEFAULT_RULES,
+    abstract_variables,
+    batch_sharding,
+    logical_specs,
+    mesh_shardings,
+    mesh_specs,
+    restore_targets,
+    rules_for_mesh,
+    sharded_init,
+)
+
+__all__ = [
+    "BALANCE_LOSS_SCOPES",
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "BalanceLossScope",
+    "MeshConfig",
+    "abstract_variables",
+    "axis_size",
+    "balance_loss",
+    "batch_axes",
+    "batch_sharding",
+    "expert_parallel_ffn",
+    "global_balance_loss",
+    "global_bias_update",
+    "logical_specs",
+    "make_mesh",
+    "mesh_shardings",
+    "mesh_specs",
+    "resolve_mesh",
+    "restore_targets",
+    "rules_for_mesh",
+    "sharded_init",
+]

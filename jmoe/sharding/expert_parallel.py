@@ -1,0 +1,274 @@
+"""Expert-parallel MoE FFN: tokens split over the batch axes, experts over `expert`.
+
+Routing, capacity positions and losses stay in the global (GSPMD) view, so they are exactly
+the single-device ones. Only the expert computation runs inside `jax.shard_map`:
+
+dropless: each device sorts its token slots by expert, packs them per destination device into
+  a [P, B, D] buffer, `all_to_all`s it over the expert axis, sorts the received rows by local
+  expert, runs the grouped GEMM (`jmoe.ops.grouped_matmul`), and sends results back the same
+  way. XLA:CPU has no `ragged-all-to-all` (jax 0.10.2: "not supported by XLA:CPU
+  ThunkEmitter"), so the exchange is a padded all-to-all. By default B is the exact worst case
+  (T_local * min(K, E_local) rows per destination), so nothing can be lost; `buffer_factor=f`
+  shrinks it to ceil(f * T_local * K / P) and slots past it are dropped *and counted* in
+  `aux["ep_overflow_fraction"]`.
+capacity: positions are computed globally (token order or batch priority), so the kept/dropped
+  slots are the single-device ones; each device writes its kept slots into [E, B, D] buffers
+  (B = min(C, T_local) by default, exact) and the buffers go through an all-to-all of the
+  [E, B, D] -> [E_local, P * B, D] blocks, a batched FFN, and back.
+
+Axis legend: P expert-axis size, E_l = E / P local experts, T_l local tokens, B rows per
+(source, destination) block.
+"""
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jmoe import dispatch as dispatch_lib
+from jmoe import experts as experts_lib
+from jmoe import ops
+from jmoe.routing.types import Routing
+from jmoe.sharding.mesh import axis_size, batch_axes
+
+
+@jax.custom_vjp
+def masked_gather_rows(x_NxD, idx_M, valid_M, inv_idx_N, inv_valid_N):
+    """out[i] = x[idx[i]] where valid[i] else 0, for an injective partial map.
+
+    `inv_idx[r]` is the output row that reads x row r (valid where one does); the gradient is
+    then a gather by the inverse map instead of a scatter-add.
+    """
+    n = x_NxD.shape[0]
+    return jnp.where(valid_M[:, None], x_NxD[jnp.clip(idx_M, 0, n - 1)], 0).astype(x_NxD.dtype)
+
+
+def _mgr_fwd(x, idx, valid, inv_idx, inv_valid):
+    return masked_gather_rows(x, idx, valid, inv_idx, inv_valid), (idx, valid, inv_idx, inv_valid)
+
+
+def _mgr_bwd(res, dy):
+    idx, valid, inv_idx, inv_valid = res
+    return masked_gather_rows(dy, inv_idx, inv_valid, idx, valid), None, None, None, None
+
+
+masked_gather_rows.defvjp(_mgr_fwd, _mgr_bwd)
+
+
+def resolve_mesh(mesh=None):
+    """The mesh to shard over: the one given, else the one set by `jax.set_mesh`."""
+    if mesh is not None:
+        return mesh
+    m = jax.sharding.get_abstract_mesh()
+    if m is None or m.empty:
+        raise ValueError(
+            "expert parallelism needs a mesh: pass `mesh=` to the layer or run under "
+            "`jax.set_mesh(mesh)`"
+        )
+    return m
+
+
+def dropless_buffer_rows(t_local: int, k: int, num_experts: int, p: int, buffer_factor=None):
+    """B: rows per (source, destination) block of the padded dropless all-to-all."""
+    exact = t_local * min(k, num_experts // p)
+    if buffer_factor is None:
+        return max(exact, 1)
+    return max(1, min(exact, math.ceil(buffer_factor * t_local * k / p)))
+
+
+def capacity_buffer_rows(t_local: int, k: int, num_experts: int, cap: int, buffer_factor=None):
+    """B: rows per (source, expert) block of the capacity all-to-all."""
+    exact = min(cap, t_local)
+    if buffer_factor is None:
+        return max(exact, 1)
+    return max(1, min(exact, math.ceil(buffer_factor * t_local * k / num_experts)))
+
+
+def _all_to_all(x, axis):
+    return jax.lax.all_to_all(x, axis, 0, 0, tiled=True)
+
+
+def _dropless_local(params, x, ids, act, w, *, e, p, b, axis, tensor_axis, activation, impl):
+    t_l, k = ids.shape
+    d = x.shape[-1]
+    e_l, n = e // p, t_l * k
+    order, inv, sizes_e = ops.sort_by_expert(ids, act, e)  # sorted position -> slot
+    sizes_pe = sizes_e.reshape(p, e_l)
+    send = jnp.sum(sizes_pe, axis=1)
+    starts = jnp.cumsum(send) - send
+    cum = jnp.cumsum(sizes_pe, axis=1)
+    kept_pe = jnp.clip(jnp.minimum(cum, b) - (cum - sizes_pe), 0).astype(jnp.int32)
+    # buffer row (q, j) <- sorted position starts[q] + j; slot n -> buffer row.
+    j = jnp.arange(b, dtype=jnp.int32)
+    buf_idx = order[jnp.clip(starts[:, None] + j[None, :], 0, n - 1)].reshape(-1)
+    buf_valid = (j[None, :] < jnp.minimum(send, b)[:, None]).reshape(-1)
+    dest = jnp.clip(ids.reshape(-1) // e_l, 0, p - 1)
+    slot_j = inv - starts[dest]
+    slot_valid = act.reshape(-1) & (slot_j < b)
+    slot_buf = dest * b + jnp.clip(slot_j, 0, b - 1)
+
+    x_nd = jnp.broadcast_to(x[:, None, :], (t_l, k, d)).reshape(n, d)
+    send_buf = masked_gather_rows(x_nd, buf_idx, buf_valid, slot_buf, slot_valid)
+    recv = _all_to_all(send_buf.reshape(p, b, d), axis)  # [P (source), B, D]
+    recv_kept = _all_to_all(kept_pe, axis)  # [P (source), E_l]
+    ends = jnp.cumsum(recv_kept, axis=1)
+    lid = jax.vmap(lambda en: jnp.searchsorted(en, j, side="right"))(ends).reshape(-1, 1)
+    o2, i2, sizes_l = ops.sort_by_expert(lid.astype(jnp.int32), lid < e_l, e_l)
+    xs = ops.permute_rows(recv.reshape(p * b, d), o2, i2)
+    ys = experts_lib.grouped_ffn(params, xs, sizes_l, activation, implementation=impl)
+    y_recv = ops.permute_rows(ys, i2, o2).reshape(p, b, d)
+    back = _all_to_all(y_recv, axis).reshape(p * b, d)
+    y_nd = masked_gather_rows(back, slot_buf, slot_valid, buf_idx, buf_valid)
+    wk = jnp.where(slot_valid.reshape(t_l, k), w, 0.0)
+    y = dispatch_lib.weighted_sum_slots(y_nd.reshape(t_l, k, d), wk)
+    if tensor_axis is not None:
+        y = jax.lax.psum(y, tensor_axis)
+    overflow = jnp.sum(act) - jnp.sum(slot_valid)
+    return y.astype(ys.dtype), overflow.astype(jnp.int32)
+
+
+def _capacity_local(params, x, ids, keep, w, *, e, p, b, axis, tensor_axis, activation):
+    t_l, k = ids.shape
+    d = x.shape[-1]
+    e_l = e // p
+    pos = ops.capacity_positions(ids, keep, e)  # local rank among this device's kept slots
+    ok = keep & (pos >= 0) & (pos < b)
+    pos = jnp.where(ok, pos, -1)
+    buf = ops.capacity_dispatch(x, ids, pos, e, b)  # [E, B, D]
+    recv = _all_to_all(buf.reshape(p, e_l, b, d), axis)  # [P (source), E_l, B, D]
+    h = recv.transpose(1, 0, 2, 3).reshape(e_l, p * b, d)
+    out = experts_lib.batched_ffn(params, h, activation)
+    out = out.reshape(e_l, p, b, d).transpose(1, 0, 2, 3)
+    back = _all_to_all(out, axis).reshape(e, b, d)
+    y = ops.capacity_combine(back, ids, pos, jnp.where(ok, w, 0.0))
+    if tensor_axis is not None:
+        y = jax.lax.psum(y, tensor_axis)
+    overflow = jnp.sum(keep) - jnp.sum(ok)
+    return y.astype(out.dtype), overflow.astype(jnp.int32)
+
+
+def _param_specs(params, expert_axis, tensor_axis):
+    specs = {}
+    for name in params:
+        if name == "w_out":
+            specs[name] = P(expert_axis, tensor_axis, None)
+        else:
+            specs[name] = P(expert_axis, None, tensor_axis)
+    return specs
+
+
+def expert_parallel_ffn(
+    params,
+    x_TxD,
+    routing: Routing,
+    num_experts: int,
+    *,
+    mesh=None,
+    expert_axis: str = "expert",
+    data_axes: Sequence[str] = ("data", "fsdp"),
+    tensor_axis: str | None = None,
+    dispatch: str = "dropless",
+    capacity_factor: float = 1.25,
+    min_capacity: int = 0,
+    batch_priority: bool = False,
+    activation: str = "swiglu",
+    buffer_factor: float | None = None,
+    implementation=None,
+):
+    """Expert FFN with experts sharded over `expert_axis`; returns (y_TxD, dropped, aux).
+
+    Args:
+      params: global expert weights `w_in`/`w_gate` [E, D, F], `w_out` [E, F, D].
+      x_TxD: global tokens; T must be divisible by the product of the batch axes
+        (`data_axes` present in the mesh, then `expert_axis`).
+      routing: the global routing result.
+      num_experts: E, divisible by the expert-axis size.
+      mesh: a `Mesh`/`AbstractMesh`; default the one set by `jax.set_mesh`.
+      tensor_axis: shard the FFN width F over this axis (outputs psum'd over it).
+      dispatch: `dropless` or `capacity` (the same semantics as the single-device layer).
+      buffer_factor: None for exact (lossless) all-to-all blocks; a float to bound them,
+        overflow dropped and reported in `aux["ep_overflow_fraction"]`.
+
+    Returns:
+      y_TxD (dtype of the expert weights' product), the capacity-dropped fraction (0 for
+      dropless) and aux with `ep_overflow_fraction` and `ep_a2a_bytes` (bytes each device sends
+      through the all-to-alls per forward pass: rows in both directions).
+    """
+    mesh = resolve_mesh(mesh)
+    names = tuple(mesh.axis_names)
+    if expert_axis not in names:
+        raise ValueError(f"expert_axis={expert_axis!r} is not a mesh axis {names}")
+    if tensor_axis is not None and tensor_axis not in names:
+        raise ValueError(f"tensor_axis={tensor_axis!r} is not a mesh axis {names}")
+    p = axis_size(mesh, expert_axis)
+    if num_experts % p:
+        raise ValueError(
+            f"num_experts={num_experts} must be divisible by the {expert_axis!r} axis size {p}"
+        )
+    width = params["w_in"].shape[-1]
+    if tensor_axis is not None and width % axis_size(mesh, tensor_axis):
+        raise ValueError(
+            f"expert width {width} must be divisible by the {tensor_axis!r} axis "
+            f"size {axis_size(mesh, tensor_axis)}"
+        )
+    baxes = batch_axes(mesh, data_axes, expert_axis)
+    n_shards = axis_size(mesh, baxes)
+    t, k = routing.expert_ids.shape
+    if t % n_shards:
+        raise ValueError(
+            f"{t} tokens cannot be split over the batch axes {baxes} ({n_shards} shards)"
+        )
+    t_l, d = t // n_shards, x_TxD.shape[-1]
+    e = num_experts
+    active = routing.active(e)
+    w = jnp.where(active, routing.weights, 0.0)
+    x = x_TxD.astype(params["w_in"].dtype)
+    bspec = P(baxes, None)
+    pspecs = _param_specs(params, expert_axis, tensor_axis)
+    itemsize = jnp.dtype(x.dtype).itemsize
+    common = dict(e=e, p=p, axis=expert_axis, tensor_axis=tensor_axis, activation=activation)
+    if dispatch == "dropless":
+        b = dropless_buffer_rows(t_l, k, e, p, buffer_factor)
+        local = partial(_dropless_local, b=b, impl=implementation, **common)
+        mask, dropped = active, jnp.float32(0.0)
+        a2a_bytes = 2 * p * b * d * itemsize
+    elif dispatch == "capacity":
+        cap = dispatch_lib.capacity(t, k, e, capacity_factor, min_capacity)
+        prio = None
+        if batch_priority:
+            top_w = jnp.max(jnp.where(active, routing.weights, -jnp.inf), axis=-1, keepdims=True)
+            prio = jnp.broadcast_to(top_w, active.shape)
+        pos = ops.capacity_positions(routing.expert_ids, active, e, priority_TxK=prio)
+        mask = active & (pos >= 0) & (pos < cap)
+        n_active = jnp.sum(active)
+        dropped = (n_active - jnp.sum(mask)) / jnp.maximum(n_active, 1)
+        b = capacity_buffer_rows(t_l, k, e, cap, buffer_factor)
+        local = partial(_capacity_local, b=b, **common)
+        a2a_bytes = 2 * e * b * d * itemsize
+    else:
+        raise ValueError(f"dispatch={dispatch!r} is not one of {dispatch_lib.DISPATCH_KINDS}")
+
+    def body(prm, xx, ii, mm, ww):
+        y, over = local(prm, xx, ii, mm, ww)
+        return y, jax.lax.psum(over, names)
+
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(pspecs, bspec, bspec, bspec, bspec),
+        out_specs=(bspec, P()),
+        check_vma=False,  # kernels (gmm loops, Pallas) are not varying-manual-axes aware
+    )
+    y, overflow = fn(params, x, routing.expert_ids, mask, w)
+    # every overflow count is psum'd over all axes; replicas along non-batch axes repeat it.
+    reps = math.prod(dict(mesh.shape)[a] for a in names) // n_shards
+    n_kept = jnp.maximum(jnp.sum(mask), 1)
+    aux = {
+        "ep_overflow_fraction": (overflow / reps / n_kept).astype(jnp.float32),
+        "ep_a2a_bytes": jnp.float32(a2a_bytes),
+        "ep_buffer_rows": jnp.int32(b),
+    }
+    return y, jnp.asarray(dropped, jnp.float32), aux

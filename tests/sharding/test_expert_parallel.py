@@ -1,0 +1,132 @@
+"""Expert-parallel MoE on 8 simulated CPU devices equals the single-device layer."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmoe.layers import MoE
+from jmoe.sharding import expert_parallel_ffn
+from tests.sharding._helpers import (
+    E,
+    K,
+    init_variables,
+    inputs,
+    layer_kwargs,
+    loss_and_grad,
+    mesh_of,
+)
+
+MESHES = {"8x1": (8, 1, 1), "2x4": (2, 4, 1), "1x8": (1, 8, 1), "2x2x2t": (2, 2, 2)}
+ROUTERS = ("topk", "sigmoid", "null")
+DISPATCHES = ("dropless", "capacity")
+# Default run: every mesh with top-k, every router on the 2x4 and tensor meshes; the rest slow.
+FAST = {(r, d, m) for d in DISPATCHES for m in MESHES for r in ("topk",)} | {
+    (r, d, m) for r in ROUTERS for d in DISPATCHES for m in ("2x4", "2x2x2t")
+}
+
+
+def _cases():
+    for r, d, m in itertools.product(ROUTERS, DISPATCHES, MESHES):
+        marks = () if (r, d, m) in FAST else (pytest.mark.slow,)
+        yield pytest.param(r, d, m, id=f"{r}-{d}-{m}", marks=marks)
+
+
+@functools.cache
+def _reference(router, dispatch):
+    x = inputs()
+    model = MoE(**layer_kwargs(router, dispatch))
+    v = init_variables(model, x, router)
+    return x, v, loss_and_grad(model, v, x)
+
+
+def _close(a, b, what):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=what)
+
+
+@pytest.mark.parametrize("router,dispatch,mesh_name", list(_cases()))
+def test_matches_single_device(router, dispatch, mesh_name):
+    data, expert, tensor = MESHES[mesh_name]
+    mesh = mesh_of(data=data, expert=expert, tensor=tensor)
+    x, v, (val0, y0, aux0, g0) = _reference(router, dispatch)
+    model = MoE(
+        **layer_kwargs(router, dispatch),
+        expert_axis="expert",
+        tensor_axis="tensor",
+        mesh=mesh,
+    )
+    val1, y1, aux1, g1 = loss_and_grad(model, v, x)
+    _close(y1, y0, "output")
+    _close(val1, val0, "loss")
+    for key in aux0:
+        _close(aux1[key], aux0[key], f"aux[{key}]")
+    assert float(aux1["ep_overflow_fraction"]) == 0.0  # exact buffers never overflow
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1), strict=True
+    ):
+        _close(b, a, f"grad {jax.tree_util.keystr(path)}")
+    if dispatch == "capacity":
+        assert float(aux0["dropped_fraction"]) > 0 or router == "null"  # drops are exercised
+
+
+def test_set_mesh_context_and_fsdp():
+    """The mesh can come from `jax.set_mesh`; an fsdp axis also splits the tokens."""
+    mesh = mesh_of(fsdp=2, expert=4)
+    x, v, (val0, y0, aux0, g0) = _reference("topk", "dropless")
+    model = MoE(**layer_kwargs(), expert_axis="expert")
+    with jax.set_mesh(mesh):
+        val1, y1, aux1, g1 = loss_and_grad(model, v, x)
+    _close(y1, y0, "output")
+    _close(val1, val0, "loss")
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        _close(b, a, "grad")
+
+
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_bounded_buffers_report_overflow(dispatch):
+    """A small all-to-all bound drops slots, and says so; the exact bound never does."""
+    mesh = mesh_of(expert=8)
+    x = inputs()
+    # Skewed routing: every token's first choice is expert 0.
+    logits = jax.random.normal(jax.random.key(5), (x.shape[0] * x.shape[1], E))
+    logits = logits.at[:, 0].add(10.0)
+    from jmoe.routing import RouterConfig, route
+
+    routing = route(logits, RouterConfig(num_experts=E, top_k=K))
+    model = MoE(**layer_kwargs(dispatch=dispatch, capacity_factor=4.0))
+    params = init_variables(model, x)["params"]
+    params = {k: v for k, v in params.items() if k.startswith("w_")}
+    x_td = x.reshape(-1, x.shape[-1])
+    run = functools.partial(expert_parallel_ffn, mesh=mesh, dispatch=dispatch, capacity_factor=4.0)
+    y_exact, _, aux_exact = jax.jit(lambda p, xx: run(p, xx, routing, E))(params, x_td)
+    y_small, _, aux_small = jax.jit(lambda p, xx: run(p, xx, routing, E, buffer_factor=0.5))(
+        params, x_td
+    )
+    assert float(aux_exact["ep_overflow_fraction"]) == 0.0
+    over = float(aux_small["ep_overflow_fraction"])
+    assert 0.0 < over < 1.0
+    assert int(aux_small["ep_buffer_rows"]) < int(aux_exact["ep_buffer_rows"])
+    # Rows that were dropped change the output; the fraction of changed tokens is consistent.
+    changed = np.mean(np.abs(np.asarray(y_small - y_exact)).max(-1) > 1e-6)
+    assert changed > 0
+
+
+def test_errors():
+    mesh = mesh_of(expert=8)
+    x = jnp.ones((3, 5, 16))  # 15 tokens: not divisible by 8 shards
+    model = MoE(**layer_kwargs(), expert_axis="expert", mesh=mesh)
+    v = init_variables(MoE(**layer_kwargs()), x)
+    with pytest.raises(ValueError, match="cannot be split"):
+        model.apply(v, x)
+    bad = MoE(**layer_kwargs(num_experts=4), expert_axis="expert", mesh=mesh)
+    with pytest.raises(ValueError, match="divisible"):
+        bad.init(jax.random.key(0), inputs())
+    nomesh = MoE(**layer_kwargs(), expert_axis="expert")
+    with pytest.raises(ValueError, match="needs a mesh"):
+        nomesh.apply(v, inputs())
+    wrong = MoE(**layer_kwargs(), expert_axis="experts", mesh=mesh)
+    with pytest.raises(ValueError, match="not a mesh axis"):
+        wrong.apply(v, inputs())
