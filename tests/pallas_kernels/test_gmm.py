@@ -1,0 +1,258 @@
+"""Grouped matmul: every implementation against the plain-jnp oracle (values and gradients)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels.gmm import IMPLEMENTATIONS, gmm, reference, resolve_implementation, tgmm
+from pallas_kernels.gmm import gpu as gmm_gpu
+from pallas_kernels.gmm import tpu as gmm_tpu
+from pallas_kernels.gmm import xla as gmm_xla
+
+
+@st.composite
+def problems(draw, max_rows=70, max_groups=6):
+    """(M, K, N, sizes): zero-size groups, odd sizes and rows past the groups all occur."""
+    m = draw(st.integers(1, max_rows))
+    g = draw(st.integers(1, max_groups))
+    k = draw(st.sampled_from([8, 24, 40]))
+    n = draw(st.sampled_from([8, 20, 48]))
+    raw = draw(st.lists(st.integers(0, m), min_size=g, max_size=g))
+    total = draw(st.integers(0, m))  # rows past `total` belong to no group
+    sizes, left = [], total
+    for r in raw:
+        s = min(r, left)
+        sizes.append(s)
+        left -= s
+    if draw(st.booleans()):
+        sizes[-1] += left  # groups cover exactly `total` rows
+    return m, k, n, np.asarray(sizes, np.int32)
+
+
+def _inputs(m, k, n, g, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), dtype)
+    c = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    return x, w, c
+
+
+def _close(got, want, dtype):
+    got = np.asarray(jnp.asarray(got, jnp.float32))
+    want = np.asarray(jnp.asarray(want, jnp.float32))
+    assert np.all(np.isfinite(got)), "non-finite output"
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
+
+
+_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class GmmTestBase:
+    """Subclasses set IMPL, INTERPRET and the example budgets."""
+
+    IMPL = "reference"
+    INTERPRET = False
+    EXAMPLES = 6
+    GRAD_EXAMPLES = 4
+
+    def call_gmm(self, x, w, gs, **kw):
+        return gmm(x, w, gs, implementation=self.IMPL, interpret=self.INTERPRET, **kw)
+
+    def call_tgmm(self, x, dy, gs, **kw):
+        return tgmm(x, dy, gs, implementation=self.IMPL, interpret=self.INTERPRET, **kw)
+
+    def _check_forward(self, prob, dtype, transpose_rhs, seed=0):
+        m, k, n, sizes = prob
+        x, w, _ = _inputs(m, k, n, len(sizes), dtype, seed)
+        gs = jnp.asarray(sizes)
+        w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
+        out = jax.jit(functools.partial(self.call_gmm, transpose_rhs=transpose_rhs))(x, w_arg, gs)
+        assert out.shape == (m, n) and out.dtype == dtype
+        want = reference.gmm(x.astype(jnp.float32), w.astype(jnp.float32), gs)
+        _close(out, want, dtype)
+        assert np.all(np.asarray(out[int(sizes.sum()) :]) == 0), "rows past the groups not zero"
+
+    def test_forward(self):
+        @settings(max_examples=self.EXAMPLES, **_SETTINGS)
+        @given(problems(), st.sampled_from([jnp.float32, jnp.bfloat16]), st.booleans())
+        def run(prob, dtype, transpose_rhs):
+            self._check_forward(prob, dtype, transpose_rhs)
+
+        run()
+
+    def test_tgmm(self):
+        @settings(max_examples=self.EXAMPLES, **_SETTINGS)
+        @given(problems(), st.sampled_from([jnp.float32, jnp.bfloat16]))
+        def run(prob, dtype):
+            m, k, n, sizes = prob
+            x, _, _ = _inputs(m, k, n, len(sizes), dtype, 1)
+            dy = _inputs(m, n, k, 1, dtype, 2)[0]
+            gs = jnp.asarray(sizes)
+            out = jax.jit(self.call_tgmm)(x, dy, gs)
+            assert out.shape == (len(sizes), k, n)
+            want = reference.tgmm(x.astype(jnp.float32), dy.astype(jnp.float32), gs)
+            _close(out, want, dtype)
+            for g in np.nonzero(sizes == 0)[0]:
+                assert np.all(np.asarray(out[g]) == 0), "empty group gradient not zero"
+
+        run()
+
+    def test_gradients(self):
+        @settings(max_examples=self.GRAD_EXAMPLES, **_SETTINGS)
+        @given(problems(), st.sampled_from([jnp.float32, jnp.bfloat16]), st.booleans())
+        def run(prob, dtype, transpose_rhs):
+            m, k, n, sizes = prob
+            x, w, c = _inputs(m, k, n, len(sizes), dtype, 3)
+            gs = jnp.asarray(sizes)
+            w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
+
+            def loss(x, w_arg):
+                y = self.call_gmm(x, w_arg, gs, transpose_rhs=transpose_rhs)
+                return jnp.sum(y.astype(jnp.float32) * c)
+
+            def ref_loss(x, w):
+                return jnp.sum(reference.gmm(x, w, gs) * c)
+
+            dx, dw = jax.jit(jax.grad(loss, (0, 1)))(x, w_arg)
+            assert dx.dtype == dtype and dw.dtype == dtype
+            rdx, rdw = jax.grad(ref_loss, (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+            if transpose_rhs:
+                rdw = jnp.swapaxes(rdw, 1, 2)
+            _close(dx, rdx, dtype)
+            _close(dw, rdw, dtype)
+
+        run()
+
+    def test_traced_group_sizes_one_compile(self):
+        m, k, n, g = 37, 24, 20, 4
+        x, w, _ = _inputs(m, k, n, g, jnp.float32, 4)
+        f = jax.jit(self.call_gmm)
+        for sizes in ([5, 0, 20, 12], [0, 0, 0, 30], [0, 0, 0, 0], [37, 0, 0, 0]):
+            gs = jnp.asarray(sizes, jnp.int32)
+            _close(f(x, w, gs), reference.gmm(x, w, gs), jnp.float32)
+
+
+class TestReference(GmmTestBase):
+    IMPL = "reference"
+
+
+class TestXla(GmmTestBase):
+    IMPL = "xla"
+    EXAMPLES = 10
+    GRAD_EXAMPLES = 6
+
+    @settings(max_examples=10, **_SETTINGS)
+    @given(problems(max_rows=90), st.sampled_from([1, 4, 8, 16]))
+    def test_small_tiles(self, prob, tile_rows):
+        """Many chunks per group, chunks shifted back at the end of the rows."""
+        m, k, n, sizes = prob
+        x, w, c = _inputs(m, k, n, len(sizes), jnp.float32, 5)
+        gs = jnp.asarray(sizes)
+        _close(gmm_xla.gmm(x, w, gs, tile_rows=tile_rows), reference.gmm(x, w, gs), jnp.float32)
+        want = reference.tgmm(x, c, gs)
+        _close(gmm_xla.tgmm(x, c, gs, tile_rows=tile_rows), want, jnp.float32)
+
+
+class TestRaggedDot(GmmTestBase):
+    IMPL = "ragged_dot"
+    EXAMPLES = 4
+    GRAD_EXAMPLES = 3
+
+
+class TestTritonInterpret(GmmTestBase):
+    IMPL = "triton"
+    INTERPRET = True
+    EXAMPLES = 4
+    GRAD_EXAMPLES = 2
+
+    @settings(max_examples=4, **_SETTINGS)
+    @given(problems(), st.booleans())
+    def test_multi_tile(self, prob, transpose_rhs):
+        """Small blocks: many visits per group, partial K/N blocks, clamped row starts."""
+        m, k, n, sizes = prob
+        x, w, c = _inputs(m, k, n, len(sizes), jnp.float32, 6)
+        gs = jnp.asarray(sizes)
+        blocks = dict(block_m=16, block_n=16, block_k=16)
+        w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
+        out = gmm_gpu.gmm(
+            x, w_arg, gs, transpose_rhs=transpose_rhs, interpret=True, group_m=2, **blocks
+        )
+        _close(out, reference.gmm(x, w, gs), jnp.float32)
+        _close(
+            gmm_gpu.tgmm(x, c, gs, interpret=True, **blocks), reference.tgmm(x, c, gs), jnp.float32
+        )
+
+
+class TestMosaicTpuInterpret(GmmTestBase):
+    IMPL = "mosaic_tpu"
+    INTERPRET = True
+    EXAMPLES = 3
+    GRAD_EXAMPLES = 2
+
+    @settings(max_examples=3, **_SETTINGS)
+    @given(problems(max_rows=40, max_groups=4), st.booleans())
+    def test_multi_tile(self, prob, transpose_rhs):
+        """Small tiles: shared tiles visited by two groups, K remainder masking."""
+        m, k, n, sizes = prob
+        x, w, c = _inputs(m, k, n, len(sizes), jnp.float32, 7)
+        gs = jnp.asarray(sizes)
+        w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
+        out = gmm_tpu.gmm(
+            x, w_arg, gs, transpose_rhs=transpose_rhs, interpret=True, tiling=(8, 16, 16)
+        )
+        _close(out, reference.gmm(x, w, gs), jnp.float32)
+        got = gmm_tpu.tgmm(x, c, gs, interpret=True, tiling=(8, 16, 16))
+        _close(got, reference.tgmm(x, c, gs), jnp.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a compiled GPU backend")
+class TestTritonCompiled(GmmTestBase):
+    IMPL = "triton"
+    EXAMPLES = 15
+    GRAD_EXAMPLES = 10
+
+    @pytest.mark.parametrize("m,k,n,g", [(1000, 256, 384, 7), (4096, 512, 1024, 16)])
+    def test_large_bf16(self, m, k, n, g):
+        rng = np.random.default_rng(8)
+        sizes = rng.multinomial(m - 37, rng.dirichlet(np.ones(g))).astype(np.int32)
+        sizes[1] = 0
+        sizes[0] += m - 37 - sizes.sum()
+        self._check_forward((m, k, n, sizes), jnp.bfloat16, False)
+        self._check_forward((m, k, n, sizes), jnp.bfloat16, True)
+
+
+def test_unknown_implementation_lists_allowed():
+    x, w, _ = _inputs(8, 8, 8, 2, jnp.float32, 0)
+    with pytest.raises(ValueError, match="allowed"):
+        gmm(x, w, jnp.asarray([4, 4], jnp.int32), implementation="cublas")
+
+
+def test_shape_errors_name_the_argument():
+    x, w, _ = _inputs(8, 8, 8, 2, jnp.float32, 0)
+    with pytest.raises(ValueError, match="group_sizes"):
+        gmm(x, w, jnp.asarray([4, 4, 0], jnp.int32))
+    with pytest.raises(ValueError, match="rhs"):
+        gmm(x, w[:, :4], jnp.asarray([4, 4], jnp.int32))
+    with pytest.raises(ValueError, match="lhs"):
+        gmm(x[None], w, jnp.asarray([4, 4], jnp.int32))
+    with pytest.raises(ValueError, match="dout"):
+        tgmm(x, x[:4], jnp.asarray([4, 4], jnp.int32))
+
+
+def test_resolution_order():
+    backend = jax.default_backend()
+    assert resolve_implementation(None) in IMPLEMENTATIONS
+    if backend == "cpu":
+        assert resolve_implementation(None) == "xla"
+        assert resolve_implementation(["mosaic_tpu", "triton", "xla"]) == "xla"
+        assert resolve_implementation(["mosaic_tpu", "xla"], interpret=True) == "mosaic_tpu"
+        with pytest.raises(ValueError, match="runs on"):
+            resolve_implementation("triton")
