@@ -133,14 +133,14 @@ class MoE(nn.Module):
             hash_seed=self.hash_seed,
         )
 
-    def _expert_params(self, d_model: int, num: int, width: int, names=("expert",)):
+    def _expert_params(self, d_model: int, num: int, width: int, names=("expert",), prefix=""):
         shape_in, shape_out = (num, d_model, width), (num, width, d_model)
         axes_in, axes_out = (*names, "embed", "mlp"), (*names, "mlp", "embed")
         init = _expert_init
         if not names:
             shape_in, shape_out, init = shape_in[1:], shape_out[1:], _fan_in
         mk = lambda n, s, a: self.param(
-            n, nn.with_logical_partitioning(init, a), s, self.param_dtype
+            prefix + n, nn.with_logical_partitioning(init, a), s, self.param_dtype
         ).astype(self.dtype)
         p = {"w_in": mk("w_in", shape_in, axes_in), "w_out": mk("w_out", shape_out, axes_out)}
         if self.activation == "swiglu":
@@ -296,7 +296,11 @@ class MoE(nn.Module):
             y = y + self._zero_computation(x_TxD, routing, cfg)
         if self.num_shared_experts:
             shared = self._expert_params(
-                x.shape[-1], 1, self.num_shared_experts * self.d_ff // self.fine_grained, names=()
+                x.shape[-1],
+                1,
+                self.num_shared_experts * self.d_ff // self.fine_grained,
+                names=(),
+                prefix="shared_",
             )
             shared = {k: v for k, v in shared.items()}
             y = y + experts_lib.dense_ffn(shared, x_TxD.astype(self.dtype), self.activation)

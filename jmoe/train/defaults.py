@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_every=200,
         checkpoint_every=200,
         keep_checkpoints=3,
+        stop_at_step=0,  # > 0: stop (after checkpointing) at this step; resume later.
         progress_bar=True,
         tensorboard=True,
     )

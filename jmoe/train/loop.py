@@ -82,14 +82,17 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             final.update(ev)
             tqdm.write(f"step {done}: heldout_loss {ev['heldout_loss']:.4f}")
             t0 = time.perf_counter()
-        if done % t.checkpoint_every == 0 or done == t.steps:
+        stop = done == t.stop_at_step
+        if done % t.checkpoint_every == 0 or done == t.steps or stop:
             checkpoint.save(mngr, done, state, it.get_state())
             t0 = time.perf_counter()
         bar.update(1)
+        if stop:
+            break
     bar.close()
     writer.close()
     mngr.close()
-    final.update({"step": t.steps, **info})
+    final.update({"step": int(state.step), **info})
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
         json.dump({k: metrics.to_python(v) for k, v in final.items()}, f, indent=2)
     return final

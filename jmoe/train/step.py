@@ -24,21 +24,24 @@ class TrainState:
 
 
 def init_state(model: nn.Module, optimizer, batch, seed: int) -> TrainState:
-    """Initial state (params unboxed; use `jax.eval_shape` on this for abstract shapes)."""
-    rng = jax.random.PRNGKey(seed)
-    k_params, k_router, k_train = jax.random.split(rng, 3)
-    variables = model.init(
-        {"params": k_params, "router": k_router}, jnp.asarray(batch["inputs"][:1])
-    )
-    variables = nn.meta.unbox(variables)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        router_state=variables.get("router_state", {}),
-        rng=k_train,
-    )
+    """Initial state (params unboxed), built under `jax.jit` (eager init is slow)."""
+    inputs = jax.ShapeDtypeStruct(batch["inputs"][:1].shape, jnp.asarray(batch["inputs"]).dtype)
+
+    def init():
+        rng = jax.random.PRNGKey(seed)
+        k_params, k_router, k_train = jax.random.split(rng, 3)
+        x = jnp.zeros(inputs.shape, inputs.dtype)
+        variables = nn.meta.unbox(model.init({"params": k_params, "router": k_router}, x))
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            router_state=variables.get("router_state", {}),
+            rng=k_train,
+        )
+
+    return jax.jit(init)()
 
 
 def _losses(logits, targets):
