@@ -71,6 +71,22 @@ def _numpy_positions(ids, valid, e, prio):
     return pos.reshape(t, k)
 
 
+def _property(method, max_examples, **case_kw):
+    """A hypothesis test calling `self.<method>(case)`; subclasses can re-create it smaller."""
+
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=_HEALTH,
+    )
+    @given(routing_cases(**case_kw))
+    def test(self, case):
+        getattr(self, method)(case)
+
+    return test
+
+
 class TestPositions:
     @_SETTINGS
     @given(routing_cases())
@@ -150,9 +166,7 @@ class DispatchImplTest:
         dy = jnp.asarray(rng.normal(size=(case["t"], case["d"])), dtype)
         return pos, x, w, buf, dy
 
-    @_SETTINGS
-    @given(routing_cases())
-    def test_dispatch_forward_and_grad(self, case):
+    def _dispatch_case(self, case):
         pos, x, _, buf, _ = self._inputs(case)
         ids, e, c = case["ids"], case["e"], case["c"]
 
@@ -167,9 +181,7 @@ class DispatchImplTest:
         (dx_ref,) = vjp_ref(buf)
         np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-5, atol=1e-5)
 
-    @_SETTINGS
-    @given(routing_cases())
-    def test_combine_forward_and_grads(self, case):
+    def _combine_case(self, case):
         pos, _, w, buf, dy = self._inputs(case)
         ids = case["ids"]
         got, vjp = jax.vjp(lambda b, w: dsp.combine(b, ids, pos, w, **self._kw()), buf, w)
@@ -181,9 +193,7 @@ class DispatchImplTest:
         np.testing.assert_allclose(np.asarray(dbuf), np.asarray(dbuf_ref), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_ref), rtol=1e-5, atol=1e-5)
 
-    @settings(max_examples=2, deadline=None, derandomize=True, suppress_health_check=_HEALTH)
-    @given(routing_cases(max_t=8, max_d=12))
-    def test_full_capacity_drops_nothing(self, case):
+    def _full_capacity_case(self, case):
         t, k, e = case["t"], case["k"], case["e"]
         pos, x, _, _, _ = self._inputs(case)
         c = t * k
@@ -196,6 +206,10 @@ class DispatchImplTest:
         np.testing.assert_allclose(
             np.asarray(y), np.asarray(x) * n_kept[:, None], rtol=1e-5, atol=1e-5
         )
+
+    test_dispatch_forward_and_grad = _property("_dispatch_case", 6)
+    test_combine_forward_and_grads = _property("_combine_case", 6)
+    test_full_capacity_drops_nothing = _property("_full_capacity_case", 2, max_t=8, max_d=12)
 
     def _check_case(self, case):
         pos, x, w, buf, dy = self._inputs(case)
@@ -313,8 +327,13 @@ class TestXla(DispatchImplTest):
 
 
 class TestMosaicTpuInterpret(DispatchImplTest):
+    """TPU interpret mode simulates every DMA: compiling it is slow, so fewer examples."""
+
     implementation = "mosaic_tpu"
     interpret = True
+    test_dispatch_forward_and_grad = _property("_dispatch_case", 2)
+    test_combine_forward_and_grads = _property("_combine_case", 2)
+    test_full_capacity_drops_nothing = _property("_full_capacity_case", 1, max_t=8, max_d=12)
 
 
 class TestTritonInterpret(DispatchImplTest):
