@@ -80,6 +80,7 @@ class MoE(nn.Module):
     tensor_axis: str | None = None
     mesh: Any = None
     ep_buffer_factor: float | None = None
+    ep_a2a: str = "auto"  # auto | padded | ragged | ragged_emulated (jmoe.sharding.A2A_KINDS)
     balance_loss_scope: balance_lib.BalanceLossScope = "global_batch"
 
     def __post_init__(self):
@@ -248,6 +249,7 @@ class MoE(nn.Module):
                 activation=self.activation,
                 buffer_factor=self.ep_buffer_factor,
                 implementation=self.gmm_implementation,
+                a2a=self.ep_a2a,
             )
         if self.dispatch == "dropless":
             xs, plan = dispatch_lib.dropless_dispatch(x, routing, e)

@@ -23,6 +23,7 @@ Axis legend: P expert-axis size, E_l = E / P local experts, T_l local tokens, B 
 import math
 from collections.abc import Sequence
 from functools import partial
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,125 @@ def capacity_buffer_rows(t_local: int, k: int, num_experts: int, cap: int, buffe
 
 def _all_to_all(x, axis):
     return jax.lax.all_to_all(x, axis, 0, 0, tiled=True)
+
+
+A2AKind = Literal["auto", "padded", "ragged", "ragged_emulated"]
+A2A_KINDS: tuple[str, ...] = get_args(A2AKind)
+
+
+def resolve_a2a(kind: str = "auto") -> str:
+    """`auto`: `ragged` where XLA implements `ragged-all-to-all` (TPU, GPU), else `padded`."""
+    if kind not in A2A_KINDS:
+        raise ValueError(f"a2a={kind!r} is not one of {A2A_KINDS}")
+    if kind == "auto":
+        return "ragged" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "padded"
+    return kind
+
+
+def _emulated_ragged_all_to_all(x, out, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
+    """`jax.lax.ragged_all_to_all` semantics from a padded all-to-all (tests on XLA:CPU)."""
+    n, p = x.shape[0], send_sizes.shape[0]
+    i = jnp.arange(n)
+    blocks = jnp.where(
+        (i[None, :] < send_sizes[:, None])[..., None],
+        x[jnp.clip(in_off[:, None] + i[None, :], 0, n - 1)],
+        0,
+    )
+    recv = _all_to_all(blocks, axis_name)  # [P (source), N, D]
+    src_off = _all_to_all(out_off, axis_name)  # where each source writes in my buffer
+    r = jnp.arange(out.shape[0])
+    for q in range(p):
+        j = r - src_off[q]
+        hit = (j >= 0) & (j < recv_sizes[q])
+        out = jnp.where(hit[:, None], recv[q, jnp.clip(j, 0, n - 1)], out)
+    return out
+
+
+def _ragged(x, out_rows, in_off, send_sizes, out_off, recv_sizes, axis, emulate):
+    out = jnp.zeros((out_rows, x.shape[1]), x.dtype)
+    fn = _emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all
+    return fn(x, out, in_off, send_sizes, out_off, recv_sizes, axis_name=axis)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def ragged_exchange(x, in_off, send_sizes, out_off, recv_off, recv_sizes, out_rows, axis, emulate):
+    """Sends rows x[in_off[p]:+send_sizes[p]] to device p at its out_off[p] (over `axis`).
+
+    `recv_off[q]`/`recv_sizes[q]` describe where source q's rows land in this device's
+    [out_rows, D] output. The gradient is the reverse exchange (roles swapped).
+    """
+    return _ragged(x, out_rows, in_off, send_sizes, out_off, recv_sizes, axis, emulate)
+
+
+def _rx_fwd(x, in_off, send_sizes, out_off, recv_off, recv_sizes, out_rows, axis, emulate):
+    y = _ragged(x, out_rows, in_off, send_sizes, out_off, recv_sizes, axis, emulate)
+    return y, (x.shape[0], in_off, send_sizes, recv_off, recv_sizes)
+
+
+def _rx_bwd(out_rows, axis, emulate, res, dy):
+    n, in_off, send_sizes, recv_off, recv_sizes = res
+    # Back to each source q, from my recv_off[q], into its in_off (as q sees it).
+    src_in_off = _all_to_all(in_off, axis)
+    dx = _ragged(dy, n, recv_off, recv_sizes, src_in_off, send_sizes, axis, emulate)
+    return dx, None, None, None, None, None
+
+
+ragged_exchange.defvjp(_rx_fwd, _rx_bwd)
+
+
+def ragged_buffer_rows(t_local: int, k: int, num_experts: int, p: int, buffer_factor=None):
+    """R: rows a device can receive in the ragged dropless exchange."""
+    exact = p * t_local * min(k, num_experts // p)
+    if buffer_factor is None:
+        return max(exact, 1)
+    return max(1, min(exact, math.ceil(buffer_factor * t_local * k)))
+
+
+def _ragged_local(params, x, ids, act, w, *, e, p, r, axis, tensor_axis, activation, impl, emulate):
+    """Dropless expert parallelism with ragged all-to-alls: only active rows move."""
+    t_l, k = ids.shape
+    d = x.shape[-1]
+    e_l, n = e // p, t_l * k
+    me = jax.lax.axis_index(axis)
+    order, inv, sizes_e = ops.sort_by_expert(ids, act, e)
+    sizes_pe = sizes_e.reshape(p, e_l)
+    send = jnp.sum(sizes_pe, axis=1).astype(jnp.int32)
+    starts = (jnp.cumsum(send) - send).astype(jnp.int32)
+    # Receivers take sources in order until their R rows are full; the rest overflows.
+    all_send = jax.lax.all_gather(send, axis)  # [P (source), P (dest)]
+    before = jnp.cumsum(all_send, axis=0) - all_send  # rows of earlier sources per dest
+    out_off = jnp.minimum(before[me], r).astype(jnp.int32)
+    kept = jnp.clip(r - before[me], 0, send).astype(jnp.int32)
+    recv_sizes = jnp.clip(r - before[:, me], 0, all_send[:, me]).astype(jnp.int32)
+    recv_off = jnp.minimum(before[:, me], r).astype(jnp.int32)
+    cum = jnp.cumsum(sizes_pe, axis=1)
+    kept_pe = jnp.clip(jnp.minimum(cum, kept[:, None]) - (cum - sizes_pe), 0).astype(jnp.int32)
+    recv_kept = _all_to_all(kept_pe, axis).reshape(-1)  # (source, local expert) blocks
+
+    x_nd = jnp.broadcast_to(x[:, None, :], (t_l, k, d)).reshape(n, d)
+    xs = ops.permute_rows(x_nd, order, inv)
+    recv = ragged_exchange(xs, starts, kept, out_off, recv_off, recv_sizes, r, axis, emulate)
+    rows = jnp.arange(r, dtype=jnp.int32)
+    block = jnp.searchsorted(jnp.cumsum(recv_kept), rows, side="right")
+    lid = jnp.where(block < p * e_l, block % e_l, e_l).astype(jnp.int32)[:, None]
+    o2, i2, sizes_l = ops.sort_by_expert(lid, lid < e_l, e_l)
+    ys = experts_lib.grouped_ffn(
+        params, ops.permute_rows(recv, o2, i2), sizes_l, activation, implementation=impl
+    )
+    y_recv = ops.permute_rows(ys, i2, o2)
+    back = ragged_exchange(
+        y_recv, recv_off, recv_sizes, _all_to_all(starts, axis), starts, kept, n, axis, emulate
+    )
+    y_nd = ops.permute_rows(back, inv, order)
+    dest = jnp.clip(ids.reshape(-1) // e_l, 0, p - 1)
+    slot_kept = act.reshape(-1) & (inv - starts[dest] < kept[dest])
+    y = dispatch_lib.weighted_sum_slots(
+        y_nd.reshape(t_l, k, d), jnp.where(slot_kept.reshape(t_l, k), w, 0.0)
+    )
+    if tensor_axis is not None:
+        y = jax.lax.psum(y, tensor_axis)
+    overflow = jnp.sum(act) - jnp.sum(slot_kept)
+    return y.astype(ys.dtype), overflow.astype(jnp.int32)
 
 
 def _dropless_local(params, x, ids, act, w, *, e, p, b, axis, tensor_axis, activation, impl):
@@ -177,6 +297,7 @@ def expert_parallel_ffn(
     activation: str = "swiglu",
     buffer_factor: float | None = None,
     implementation=None,
+    a2a: str = "auto",
 ):
     """Expert FFN with experts sharded over `expert_axis`; returns (y_TxD, dropped, aux).
 
@@ -230,7 +351,15 @@ def expert_parallel_ffn(
     pspecs = _param_specs(params, expert_axis, tensor_axis)
     itemsize = jnp.dtype(x.dtype).itemsize
     common = dict(e=e, p=p, axis=expert_axis, tensor_axis=tensor_axis, activation=activation)
-    if dispatch == "dropless":
+    kind = resolve_a2a(a2a)
+    if dispatch == "dropless" and kind != "padded":
+        b = ragged_buffer_rows(t_l, k, e, p, buffer_factor)
+        local = partial(
+            _ragged_local, r=b, impl=implementation, emulate=kind == "ragged_emulated", **common
+        )
+        mask, dropped = active, jnp.float32(0.0)
+        a2a_bytes = None  # data dependent: the active rows, out and back
+    elif dispatch == "dropless":
         b = dropless_buffer_rows(t_l, k, e, p, buffer_factor)
         local = partial(_dropless_local, b=b, impl=implementation, **common)
         mask, dropped = active, jnp.float32(0.0)
@@ -266,9 +395,11 @@ def expert_parallel_ffn(
     # every overflow count is psum'd over all axes; replicas along non-batch axes repeat it.
     reps = math.prod(dict(mesh.shape)[a] for a in names) // n_shards
     n_kept = jnp.maximum(jnp.sum(mask), 1)
+    if a2a_bytes is None:  # ragged: every kept active row, out and back, from every device
+        a2a_bytes = 2.0 * (jnp.sum(mask) - overflow / reps) * d * itemsize / n_shards
     aux = {
         "ep_overflow_fraction": (overflow / reps / n_kept).astype(jnp.float32),
-        "ep_a2a_bytes": jnp.float32(a2a_bytes),
+        "ep_a2a_bytes": jnp.asarray(a2a_bytes, jnp.float32),
         "ep_buffer_rows": jnp.int32(b),
     }
     return y, jnp.asarray(dropped, jnp.float32), aux

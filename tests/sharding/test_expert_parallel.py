@@ -72,6 +72,36 @@ def test_matches_single_device(router, dispatch, mesh_name):
         assert float(aux0["dropped_fraction"]) > 0 or router == "null"  # drops are exercised
 
 
+@pytest.mark.parametrize(
+    "mesh_name",
+    [pytest.param(m, marks=() if m == "2x4" else (pytest.mark.slow,)) for m in MESHES],
+)
+@pytest.mark.parametrize("router", ["topk", pytest.param("null", marks=pytest.mark.slow)])
+def test_ragged_exchange_matches_single_device(router, mesh_name):
+    """The ragged all-to-all path (emulated on XLA:CPU, which lacks ragged-all-to-all)."""
+    data, expert, tensor = MESHES[mesh_name]
+    mesh = mesh_of(data=data, expert=expert, tensor=tensor)
+    x, v, (val0, y0, aux0, g0) = _reference(router, "dropless")
+    model = MoE(
+        **layer_kwargs(router),
+        expert_axis="expert",
+        tensor_axis="tensor",
+        mesh=mesh,
+        ep_a2a="ragged_emulated",
+    )
+    val1, y1, aux1, g1 = loss_and_grad(model, v, x)
+    _close(y1, y0, "output")
+    _close(val1, val0, "loss")
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        _close(b, a, "grad")
+    assert float(aux1["ep_overflow_fraction"]) == 0.0
+    # Only the active rows move: 2 * (active slots) * D * 4 bytes, per device on average.
+    active = float(jnp.sum(aux0["expert_counts"][:E]))
+    np.testing.assert_allclose(
+        float(aux1["ep_a2a_bytes"]), 2 * active * x.shape[-1] * 4 / (data * expert), rtol=1e-6
+    )
+
+
 def test_set_mesh_context_and_fsdp():
     """The mesh can come from `jax.set_mesh`; an fsdp axis also splits the tokens."""
     mesh = mesh_of(fsdp=2, expert=4)
@@ -85,8 +115,11 @@ def test_set_mesh_context_and_fsdp():
         _close(b, a, "grad")
 
 
-@pytest.mark.parametrize("dispatch", DISPATCHES)
-def test_bounded_buffers_report_overflow(dispatch):
+@pytest.mark.parametrize(
+    "dispatch,a2a",
+    [("dropless", "padded"), ("dropless", "ragged_emulated"), ("capacity", "padded")],
+)
+def test_bounded_buffers_report_overflow(dispatch, a2a):
     """A small all-to-all bound drops slots, and says so; the exact bound never does."""
     mesh = mesh_of(expert=8)
     x = inputs()
