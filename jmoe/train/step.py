@@ -101,7 +101,7 @@ def make_train_step(model: nn.Module, optimizer, cfg):
             "loss": loss,
             "ce": ce,
             "accuracy": acc,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "load_balance_loss": aux["load_balance_loss"],
             "z_loss": aux["z_loss"],
             "entropy_loss": aux["entropy_loss"],
