@@ -25,6 +25,12 @@ IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
 _MODULES = {"xla": "xla", "triton": "gpu", "mosaic_tpu": "tpu"}
 
+# What `implementation=None` picks. The Pallas kernels are verified in interpret mode and lower
+# for their backends, but have not been timed against XLA's own gathers on hardware yet, so
+# every backend defaults to "xla" until a benchmark (benchmarks/dispatch.py adds the backend's
+# kernel to its table) shows the kernel wins.
+_DEFAULT_FOR_BACKEND = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+
 
 def _applies(name, interpret) -> bool:
     """Whether implementation `name` can run on the default backend (or in interpret mode)."""
@@ -42,9 +48,9 @@ def resolve_implementation(implementation=None, interpret=False) -> str:
     """Picks an implementation name.
 
     Args:
-      implementation: None (best for the backend: tpu -> "mosaic_tpu", gpu -> "triton",
-        otherwise "xla"), a name from `IMPLEMENTATIONS`, or a sequence of names (the first that
-        applies to the backend is used).
+      implementation: None (the backend's default from `_DEFAULT_FOR_BACKEND`: "xla"
+        everywhere until the Pallas kernels are timed on hardware), a name from
+        `IMPLEMENTATIONS`, or a sequence of names (the first that applies to the backend).
       interpret: whether Pallas kernels run in interpret mode (then they apply on any backend).
 
     Returns:
@@ -54,10 +60,7 @@ def resolve_implementation(implementation=None, interpret=False) -> str:
       ValueError: unknown name, or no name in the sequence applies.
     """
     if implementation is None:
-        backend = jax.default_backend()
-        implementation = {"tpu": ("mosaic_tpu", "xla"), "gpu": ("triton", "xla")}.get(
-            backend, ("xla",)
-        )
+        implementation = _DEFAULT_FOR_BACKEND.get(jax.default_backend(), ("xla",))
     names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
     for name in names:
         if name not in IMPLEMENTATIONS:
