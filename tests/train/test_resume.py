@@ -8,7 +8,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, SMALL_LM, env, run_train, train_cmd
+
+from tests.train.train_helpers import REPO, SMALL_LM, env, run_train, train_cmd
 
 
 def _leaves(state):

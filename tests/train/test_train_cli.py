@@ -7,7 +7,8 @@ import sys
 import time
 
 import pytest
-from train_helpers import REPO, env, run_train
+
+from tests.train.train_helpers import REPO, env, run_train
 
 
 def _final(workdir):
