@@ -220,3 +220,17 @@ def test_classifier_vit_and_mlp():
         v = jax.jit(model.init)(RNGS, x)
         logits, aux = _apply(model, v, x)
         assert logits.shape == (3, 10) and aux["layers"]
+
+
+def test_import_jmoe_stays_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jmoe, jmoe.models, jmoe.train, jmoe.train.defaults; "
+        "heavy = [m for m in ('grain', 'matplotlib', 'orbax', 'tensorboardX') "
+        "if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
