@@ -196,6 +196,18 @@ class MoE(nn.Module):
             ).value
         if token_ids is not None:
             token_ids = token_ids.reshape(-1)
+        if self.expert_axis is not None:  # token-local routers run per token shard
+            return ep_lib.route_sharded(
+                logits,
+                cfg,
+                mesh=self.mesh,
+                expert_axis=self.expert_axis,
+                data_axes=self.data_axes,
+                rng=rng,
+                bias=bias,
+                token_ids=token_ids,
+                deterministic=deterministic,
+            )
         return route(
             logits, cfg, rng=rng, bias=bias, token_ids=token_ids, deterministic=deterministic
         )

@@ -72,6 +72,55 @@ def resolve_mesh(mesh=None):
     return m
 
 
+# Routers whose result for a token depends on that token only (expert choice does not).
+TOKEN_LOCAL_ROUTERS = ("topk", "sigmoid", "top_p", "null", "moepp", "hash", "stochastic")
+
+
+def route_sharded(
+    logits_TxS,
+    cfg,
+    *,
+    mesh=None,
+    expert_axis: str = "expert",
+    data_axes: Sequence[str] = ("data", "fsdp"),
+    rng=None,
+    bias=None,
+    token_ids=None,
+    deterministic: bool = True,
+) -> Routing:
+    """`jmoe.routing.route` run per token shard inside `shard_map` when that is exact.
+
+    GSPMD does not partition XLA's TopK along the token axis (it all-gathers the [T, S]
+    logits to every device first); a token-local router without randomness gives identical
+    results shard by shard, so it runs inside `shard_map` with the tokens split over the batch
+    axes. Expert choice, random routing and token counts that do not split fall back to the
+    global view.
+    """
+    from jmoe.routing import route
+
+    call = dict(rng=rng, bias=bias, deterministic=deterministic)
+    mesh = resolve_mesh(mesh)
+    baxes = batch_axes(mesh, data_axes, expert_axis)
+    n = axis_size(mesh, baxes)
+    if cfg.kind not in TOKEN_LOCAL_ROUTERS or rng is not None or logits_TxS.shape[0] % n:
+        return route(logits_TxS, cfg, token_ids=token_ids, **call)
+    bspec = P(baxes, None)
+    tspec = P(baxes)
+
+    def body(lg, b, tok):
+        return route(lg, cfg, bias=b, token_ids=tok, deterministic=deterministic)
+
+    specs = Routing(bspec, bspec, bspec, bspec, bspec)
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(bspec, None if bias is None else P(), None if token_ids is None else tspec),
+        out_specs=specs,
+        check_vma=False,
+    )
+    return fn(logits_TxS, bias, token_ids)
+
+
 def dropless_buffer_rows(t_local: int, k: int, num_experts: int, p: int, buffer_factor=None):
     """B: rows per (source, destination) block of the padded dropless all-to-all."""
     exact = t_local * min(k, num_experts // p)

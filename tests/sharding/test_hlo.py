@@ -51,6 +51,8 @@ def test_no_all_gather_of_expert_weights():
     ep = _collectives(MoE(**layer_kwargs(), expert_axis="expert", mesh=mesh), mesh, x)
     assert any(op == "all-to-all" for op, _ in ep), "tokens must move by all-to-all"
     assert _gathers_expert_weights(ep) == []
+    # Nothing is all-gathered at all: routing runs per token shard (no [T, S] logits gather).
+    assert [s for op, s in ep if op == "all-gather"] == []
     # No collective of any kind carries a full [E, D, F] weight (gradients included).
     assert not [s for _, s in ep if len(s) == 3 and s[0] == E and set(s[1:]) == {D, F}]
     # Control: the same sharded weights under plain GSPMD (no expert_axis) are all-gathered,
