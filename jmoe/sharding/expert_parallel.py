@@ -3,14 +3,14 @@
 Routing, capacity positions and losses stay in the global (GSPMD) view, so they are exactly
 the single-device ones. Only the expert computation runs inside `jax.shard_map`:
 
-dropless: each device sorts its token slots by expert, packs them per destination device into
-  a [P, B, D] buffer, `all_to_all`s it over the expert axis, sorts the received rows by local
-  expert, runs the grouped GEMM (`jmoe.ops.grouped_matmul`), and sends results back the same
-  way. XLA:CPU has no `ragged-all-to-all` (jax 0.10.2: "not supported by XLA:CPU
-  ThunkEmitter"), so the exchange is a padded all-to-all. By default B is the exact worst case
-  (T_local * min(K, E_local) rows per destination), so nothing can be lost; `buffer_factor=f`
-  shrinks it to ceil(f * T_local * K / P) and slots past it are dropped *and counted* in
-  `aux["ep_overflow_fraction"]`.
+dropless: each device sorts its token slots by expert, sends each destination device its rows
+  over the expert axis, sorts the received rows by local expert, runs the grouped GEMM
+  (`jmoe.ops.grouped_matmul`), and sends results back the same way. The exchange (`a2a`) is
+  `jax.lax.ragged_all_to_all` on TPU/GPU (only active rows move); XLA:CPU has no
+  `ragged-all-to-all` (jax 0.10.2: "not supported by XLA:CPU ThunkEmitter"), so there it is a
+  padded all-to-all of [P, B, D] blocks. By default buffers are exact worst cases, so nothing
+  can be lost; `buffer_factor=f` bounds them (about f x the balanced size) and rows past the
+  bound are dropped *and counted* in `aux["ep_overflow_fraction"]`.
 capacity: positions are computed globally (token order or batch priority), so the kept/dropped
   slots are the single-device ones; each device writes its kept slots into [E, B, D] buffers
   (B = min(C, T_local) by default, exact) and the buffers go through an all-to-all of the
