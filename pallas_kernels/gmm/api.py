@@ -92,14 +92,22 @@ def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
         from pallas_kernels.gmm import gpu
 
         return gpu.gmm(
-            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype,
+            lhs,
+            rhs,
+            group_sizes,
+            transpose_rhs=transpose_rhs,
+            preferred_element_type=out_dtype,
             interpret=interpret,
         )
     if impl == "mosaic_tpu":
         from pallas_kernels.gmm import tpu
 
         return tpu.gmm(
-            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype,
+            lhs,
+            rhs,
+            group_sizes,
+            transpose_rhs=transpose_rhs,
+            preferred_element_type=out_dtype,
             interpret=interpret,
         )
     raise AssertionError(impl)
@@ -122,14 +130,22 @@ def _tgmm_impl(lhs, dout, group_sizes, num_groups, out_dtype, impl, interpret):
         from pallas_kernels.gmm import gpu
 
         return gpu.tgmm(
-            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype,
+            lhs,
+            dout,
+            group_sizes,
+            num_groups=num_groups,
+            preferred_element_type=out_dtype,
             interpret=interpret,
         )
     if impl == "mosaic_tpu":
         from pallas_kernels.gmm import tpu
 
         return tpu.tgmm(
-            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype,
+            lhs,
+            dout,
+            group_sizes,
+            num_groups=num_groups,
+            preferred_element_type=out_dtype,
             interpret=interpret,
         )
     raise AssertionError(impl)
@@ -231,6 +247,8 @@ def tgmm(
         raise ValueError(f"dout must be [M={lhs.shape[0]}, N], got shape {dout.shape}")
     if group_sizes.ndim != 1:
         raise ValueError(f"group_sizes must be [G], got shape {group_sizes.shape}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integer, got {group_sizes.dtype}")
     num_groups = num_groups or group_sizes.shape[0]
     if num_groups > group_sizes.shape[0]:
         raise ValueError(f"num_groups={num_groups} > group_sizes length {group_sizes.shape[0]}")
