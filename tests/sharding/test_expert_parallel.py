@@ -181,3 +181,34 @@ def test_real_ragged_all_to_all_on_accelerators():
     np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+@pytest.mark.parametrize(
+    "router,extra",
+    [
+        ("top_p", {}),
+        ("moepp", dict(num_zero_experts=1, num_copy_experts=1, num_const_experts=1)),
+        ("expert_choice", {}),
+        ("hash", {}),
+        ("stochastic", dict(stochastic_eval="topk")),
+    ],
+)
+def test_other_routers_forward(router, extra, dispatch):
+    mesh = mesh_of(data=2, expert=4)
+    x = inputs()
+    tok = jax.random.randint(jax.random.key(9), x.shape[:2], 0, 256)
+    kw = layer_kwargs(router, dispatch, **extra)
+    ref = MoE(**kw)
+    v = init_variables(ref, x) if router != "hash" else None
+    if v is None:
+        import flax.linen as nn
+
+        v = nn.unbox(ref.init(jax.random.key(1), x, token_ids=tok))
+    run = lambda m: jax.jit(lambda vv, xx: m.apply(vv, xx, token_ids=tok))(v, x)
+    y0, a0 = run(ref)
+    y1, a1 = run(MoE(**kw, expert_axis="expert", mesh=mesh))
+    _close(y1, y0, "output")
+    for key in a0:
+        _close(a1[key], a0[key], f"aux[{key}]")
