@@ -128,7 +128,8 @@ def main():
         for n, m, b, r, o, dr, s, q in rows
     )
     text = (
-        f"Machine: {_machine()}; 8 simulated CPU devices. "
+        f"Machine: {_machine()}; 8 simulated CPU devices; load average during the run "
+        f"{os.getloadavg()[0]:.1f} (other jobs share the cores: times are indicative). "
         f"`benchmarks/expert_parallel.py --repeats {args.repeats} --tokens {t}`.\n\n"
         f"MoE layer T={t}, D={d}, F={f}, E={e}, K={k}, SwiGLU, fp32, the layer's own top-2 "
         f"router at init (close to balanced). Minimum all-to-all traffic per layer forward: "
