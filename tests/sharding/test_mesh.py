@@ -70,3 +70,27 @@ def test_sharded_init_and_restore_targets():
     t = targets["params"]["w_out"]
     assert isinstance(t, jax.ShapeDtypeStruct) and t.sharding == shardings["params"]["w_out"]
     assert mesh_shardings(abstract_variables(model, jax.random.key(0), x), mesh) == shardings
+
+
+def test_checkpoint_restore_into_other_mesh(tmp_path):
+    """Save on a 2x4 mesh, restore straight into an 8x1 layout via `restore_targets`."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    require_8_devices()
+    model = MoE(**layer_kwargs())
+    x = inputs()
+    src = make_mesh(MeshConfig(data=2, expert=4))
+    variables, _ = sharded_init(model, src, jax.random.key(0), x)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "v", variables)
+        ckpt.wait_until_finished()
+        dst = make_mesh(MeshConfig(data=1, expert=8))
+        abstract = abstract_variables(model, jax.random.key(0), x)
+        targets = restore_targets(abstract, mesh_shardings(abstract, dst))
+        restored = ckpt.restore(tmp_path / "v", targets)
+    w = restored["params"]["w_in"]
+    assert w.sharding.mesh.shape["expert"] == 8
+    assert {s.data.shape for s in w.addressable_shards} == {(E // 8, D, F)}
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
