@@ -2,11 +2,13 @@
 
 Schedule: every group is cut into chunks of ``bm`` rows that start at the group's first row,
 plus one "tail" pseudo-group covering the rows past ``sum(group_sizes)`` (stored as zeros, no
-FLOPs). A precomputed visit table (group, first row, end row) is passed as int32 inputs; the
-grid is ``(visits, N tiles)`` with a static upper bound ``ceil(M / bm) + G + 1`` on the visits.
-Because chunks are group-aligned, no two programs write the same output row (no races and no
-read-modify-write), and rows of a chunk that run past the group's end are masked on load and
-store. Visits past the live count exit immediately. Accumulation is f32.
+FLOPs). A precomputed visit table (group, first row, end row) is passed as int32 inputs. The
+grid is 1-D over ``visits x N tiles`` (static bound ``ceil(M / bm) + G + 1`` visits), swizzled
+in super-blocks of ``group_m`` visits so CTAs resident together share lhs rows and weight
+tiles in L2. Because chunks are group-aligned, no two programs own the same output row (no
+races, no read-modify-write); loads start at ``min(start, M - bm)`` so they need no row mask,
+and the store is masked to the visit's own rows. Visits past the live count exit at once.
+Accumulation is f32.
 
 ``tgmm`` launches one program per (group, K tile, N tile) that loops over the group's rows in
 ``bm`` chunks (a dynamic trip count); empty groups store zeros.
