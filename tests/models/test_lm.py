@@ -38,31 +38,55 @@ def _init(cfg, tokens):
     return model, jax.jit(model.init)(RNGS, tokens)
 
 
+def _shapes(cfg, tokens=None):
+    """Abstract variables (boxed, with logical names): tracing only, no compilation."""
+    model = models.build(cfg)
+    return jax.eval_shape(model.init, RNGS, _tokens() if tokens is None else tokens)
+
+
+def _jit_apply(model, **kw):
+    """A jitted `model.apply` to reuse within a test (eager applies are slow)."""
+    return jax.jit(lambda v, x: model.apply(v, x, **kw))
+
+
 def _apply(model, variables, x, **kw):
-    """Jitted `model.apply` (eager applies compile every op separately: slow)."""
-    mutable = kw.pop("mutable", False)
-    fn = lambda v, x: model.apply(v, x, mutable=mutable, **kw)
-    return jax.jit(fn)(variables, x)
+    return _jit_apply(model, **kw)(variables, x)
 
 
-def test_shapes_aux_and_layer_pattern():
+@pytest.fixture(scope="module")
+def base():
     model, v = _init(_cfg(), _tokens())
-    logits, aux = _apply(model, {"params": nn.unbox(v["params"])}, _tokens())
+    return model, nn.unbox(v["params"]), _jit_apply(model)
+
+
+def test_shapes_aux_and_layer_pattern(base):
+    model, params, apply = base
+    logits, aux = apply({"params": params}, _tokens())
     assert logits.shape == (2, 12, 64) and logits.dtype == jnp.float32
     assert set(aux["layers"]) == {"layer_1"}  # moe_every=2, moe_offset=1 of 3 layers.
     stats = aux["layers"]["layer_1"]
     assert stats["expert_load"].shape == (4,)
     assert float(stats["expert_counts"].sum()) == 2 * 12 * 2
     np.testing.assert_allclose(aux["load_balance_loss"], stats["load_balance_loss"])
-    p = v["params"]["stack"]
-    assert "w_in" in p["layer_1"]["ffn"] and p["layer_1"]["ffn"]["w_in"].value.shape == (4, 32, 32)
-    assert p["layer_0"]["ffn"]["w_in"].value.shape == (32, 64)  # dense FFN.
-    assert p["layer_0"]["attn"]["wk"].value.shape == (32, 2, 8)  # GQA: 2 kv heads.
+    p = params["stack"]
+    assert p["layer_1"]["ffn"]["w_in"].shape == (4, 32, 32)
+    assert p["layer_0"]["ffn"]["w_in"].shape == (32, 64)  # dense FFN.
+    assert p["layer_0"]["attn"]["wk"].shape == (32, 2, 8)  # GQA: 2 kv heads.
+
+
+def test_causal(base):
+    model, params, apply = base
+    a = _tokens()
+    b = a.at[:, 8:].set((a[:, 8:] + 1) % 64)
+    la, _ = apply({"params": params}, a)
+    lb, _ = apply({"params": params}, b)
+    np.testing.assert_allclose(la[:, :8], lb[:, :8], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(la[:, 8:], lb[:, 8:])
 
 
 def test_every_param_has_logical_names():
     for tie in (True, False):
-        _, v = _init(_cfg({"tie_embeddings": tie}), _tokens())
+        v = _shapes(_cfg({"tie_embeddings": tie}))
         leaves = jax.tree_util.tree_flatten_with_path(
             v["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
         )[0]
@@ -75,72 +99,51 @@ def test_every_param_has_logical_names():
         assert ("unembed" in v["params"]) == (not tie)
 
 
-def test_causal():
-    model, v = _init(_cfg(), _tokens())
-    params = nn.unbox(v["params"])
-    a = _tokens()
-    b = a.at[:, 8:].set((a[:, 8:] + 1) % 64)
-    la, _ = _apply(model, {"params": params}, a)
-    lb, _ = _apply(model, {"params": params}, b)
-    np.testing.assert_allclose(la[:, :8], lb[:, :8], rtol=1e-5, atol=1e-5)
-    assert not np.allclose(la[:, 8:], lb[:, 8:])
-
-
-@pytest.mark.parametrize("kv_heads", [4, 1])
-def test_kv_cache_decoding_matches_full_forward(kv_heads):
-    model, v = _init(_cfg({"num_kv_heads": kv_heads}), _tokens())
-    params = nn.unbox(v["params"])
+def test_kv_cache_decoding_matches_full_forward(base):
+    model, params, apply = base
     toks = _tokens(1, 10, seed=3)
-    full, _ = _apply(model, {"params": params}, toks)
-    cache = model.init_cache(1)
-    (l0, _), upd = _apply(
-        model, {"params": params, "cache": cache}, toks[:, :6], decode=True, mutable=["cache"]
-    )
-    outs = [l0]
-    cache = upd["cache"]
+    full, _ = apply({"params": params}, toks)
+    decode = _jit_apply(model, decode=True, mutable=["cache"])
+    (l0, _), upd = decode({"params": params, "cache": model.init_cache(1)}, toks[:, :6])
+    outs, cache = [l0], upd["cache"]
     for i in range(6, 10):
-        (li, _), upd = _apply(
-            model,
-            {"params": params, "cache": cache},
-            toks[:, i : i + 1],
-            decode=True,
-            mutable=["cache"],
-        )
+        (li, _), upd = decode({"params": params, "cache": cache}, toks[:, i : i + 1])
         cache = upd["cache"]
         outs.append(li)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=2e-4, atol=2e-4)
 
 
 def test_bf16():
-    model, v = _init(_cfg({"dtype": "bfloat16", "param_dtype": "bfloat16"}), _tokens())
-    assert all(
-        x.dtype == jnp.bfloat16
-        for x in jax.tree.leaves(nn.unbox(v["params"]))
-        if x.ndim > 1 and x.shape[-1] != 4
-    )  # routers stay float32.
+    cfg = _cfg({"dtype": "bfloat16", "param_dtype": "bfloat16", "num_layers": 2})
+    v = _shapes(cfg)
+    for path, x in jax.tree_util.tree_flatten_with_path(nn.unbox(v["params"]))[0]:
+        want = jnp.float32 if "router" in str(path) else jnp.bfloat16
+        assert x.dtype == want, path
+    model, v = _init(cfg, _tokens())
     logits, _ = _apply(model, {"params": nn.unbox(v["params"])}, _tokens())
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
 
 
 def test_gating_residual_threads_previous_logits():
     cfg = _cfg(
-        {"moe_every": 1, "moe_offset": 0},
+        {"moe_every": 1, "moe_offset": 0, "num_layers": 2},
         {"router": "moepp", "num_zero_experts": 1, "num_copy_experts": 1, "gating_residual": True},
     )
     model, v = _init(cfg, _tokens())
     params = nn.unbox(v["params"])
-    base, _ = _apply(model, {"params": params}, _tokens())
+    apply = _jit_apply(model)
+    base_out, _ = apply({"params": params}, _tokens())
     for layer, should_change in (("layer_0", False), ("layer_1", True)):
         p = jax.tree.map(lambda x: x, params)
         g = p["stack"][layer]["ffn"]["gating_residual"]
         p["stack"][layer]["ffn"]["gating_residual"] = g + 3.0 * jnp.eye(g.shape[0])
-        out, _ = _apply(model, {"params": p}, _tokens())
+        out, _ = apply({"params": p}, _tokens())
         # Layer 0 has no previous MoE layer, so its gating weights must not matter.
-        assert (not np.allclose(out, base)) == should_change, layer
+        assert (not np.allclose(out, base_out)) == should_change, layer
 
 
 def test_hash_router_uses_token_ids():
-    cfg = _cfg({"moe_every": 1, "moe_offset": 0}, {"router": "hash", "top_k": 1})
+    cfg = _cfg({"moe_every": 1, "moe_offset": 0, "num_layers": 2}, {"router": "hash", "top_k": 1})
     model, v = _init(cfg, _tokens())
     toks = jnp.full((2, 12), 5, jnp.int32)
     _, aux = _apply(model, {"params": nn.unbox(v["params"])}, toks)
@@ -148,38 +151,38 @@ def test_hash_router_uses_token_ids():
         assert int(jnp.max(stats["expert_counts"])) == 24  # every token to one expert.
 
 
-def test_sigmoid_router_state_and_counts_tree():
-    cfg = _cfg({}, {"router": "sigmoid"})
-    model, v = _init(cfg, _tokens())
-    _, aux = _apply(model, {"params": v["params"], "router_state": v["router_state"]}, _tokens())
+@pytest.mark.parametrize("chain", [1, 2])
+def test_sigmoid_router_state_matches_counts_tree(chain):
+    cfg = _cfg({"num_layers": 2}, {"router": "sigmoid", "chain_iterations": chain})
+    model = models.build(cfg)
+    v = _shapes(cfg)
+    _, aux = jax.eval_shape(
+        lambda v, x: model.apply({"params": v["params"], "router_state": v["router_state"]}, x),
+        v,
+        _tokens(),
+    )
     assert jax.tree.structure(aux["router_state_counts"]) == jax.tree.structure(v["router_state"])
+    if chain > 1:
+        assert set(v["params"]["stack"]["layer_1"]["ffn"]) == {"experts", "iter_0", "iter_1"}
 
 
 def test_chain_of_experts_shares_experts_and_composes():
     moe = MoE(num_experts=4, top_k=2, d_ff=16)
     chain = ChainOfExperts(moe=moe, iterations=3)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
-    v = nn.unbox(chain.init(RNGS, x))
+    v = nn.unbox(jax.jit(chain.init)(RNGS, x))
     p = v["params"]
     assert set(p) == {"experts", "iter_0", "iter_1", "iter_2"}
     assert set(p["iter_0"]) == {"router"} and "w_in" in p["experts"]
     assert not np.allclose(p["iter_0"]["router"], p["iter_1"]["router"])
     y, aux = jax.jit(chain.apply)(v, x)
-    h = x
+    h, moe_apply = x, jax.jit(moe.apply)
     for t in range(3):
-        yt, _ = jax.jit(moe.apply)({"params": {**p["experts"], **p[f"iter_{t}"]}}, h)
+        yt, _ = moe_apply({"params": {**p["experts"], **p[f"iter_{t}"]}}, h)
         h = h + yt
     np.testing.assert_allclose(y, h - x, rtol=1e-5, atol=1e-5)
     assert len(aux["iterations"]) == 3
     assert float(aux["expert_counts"].sum()) == 3 * 10 * 2
-
-
-def test_chain_in_model():
-    cfg = _cfg({}, {"chain_iterations": 2, "router": "sigmoid"})
-    model, v = _init(cfg, _tokens())
-    assert set(v["params"]["stack"]["layer_1"]["ffn"]) == {"experts", "iter_0", "iter_1"}
-    _, aux = _apply(model, {"params": v["params"], "router_state": v["router_state"]}, _tokens())
-    assert jax.tree.structure(aux["router_state_counts"]) == jax.tree.structure(v["router_state"])
 
 
 def test_schedule_sets_per_layer_experts():
@@ -187,14 +190,14 @@ def test_schedule_sets_per_layer_experts():
         {"num_layers": 4, "moe_every": 1, "moe_offset": 0},
         {"schedule": "descending", "schedule_budget": 16, "schedule_scale_top_k": True},
     )
-    model, v = _init(cfg, _tokens())
+    v = _shapes(cfg)
     shapes = [v["params"]["stack"][f"layer_{i}"]["ffn"]["w_in"].value.shape[0] for i in range(4)]
     assert shapes == models.experts_per_layer("descending", 4, 16) == [6, 5, 3, 2]
 
 
 def test_fine_grained_and_shared_experts():
     cfg = _cfg({}, {"fine_grained": 2, "num_shared_experts": 1})
-    model, v = _init(cfg, _tokens())
+    model, v = models.build(cfg), _shapes(cfg)
     ffn = v["params"]["stack"]["layer_1"]["ffn"]
     assert ffn["w_in"].value.shape == (8, 32, 16)
     counts = models.count_params(model, cfg)
