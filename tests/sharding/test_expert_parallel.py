@@ -212,3 +212,21 @@ def test_other_routers_forward(router, extra, dispatch):
     _close(y1, y0, "output")
     for key in a0:
         _close(a1[key], a0[key], f"aux[{key}]")
+
+
+@pytest.mark.slow
+def test_capacity_batch_priority():
+    """V-MoE batch-prioritised positions are global, so the same slots are dropped."""
+    x = inputs()
+    kw = layer_kwargs("topk", "capacity", batch_priority=True)
+    ref = MoE(**kw)
+    v = init_variables(ref, x)
+    val0, y0, aux0, g0 = loss_and_grad(ref, v, x)
+    val1, y1, aux1, g1 = loss_and_grad(
+        MoE(**kw, expert_axis="expert", mesh=mesh_of(data=2, expert=4)), v, x
+    )
+    assert float(aux0["dropped_fraction"]) > 0
+    _close(y1, y0, "output")
+    _close(aux1["dropped_fraction"], aux0["dropped_fraction"], "dropped")
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        _close(b, a, "grad")
