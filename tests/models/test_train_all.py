@@ -29,19 +29,34 @@ def _train(cfg: ConfigDict, steps: int) -> list[float]:
     model = models.build(cfg)
     tx, _ = optim.make_optimizer(cfg)
     state = step.init_state(model, tx, ds[0], cfg.seed)
+    init_params = state.params
     train_step = jax.jit(step.make_train_step(model, tx, cfg))
     losses = []
     for i in range(steps):
         state, m = train_step(state, ds[i], jax.random.fold_in(state.rng, i))
         losses.append(float(m["ce"]))
     assert np.all(np.isfinite(losses))
+    # Every routed expert's weights were trained (each expert received tokens).
+    for path, (w0, w1) in _expert_weights(init_params, state.params):
+        moved = np.abs(np.asarray(w1) - np.asarray(w0)).reshape(w0.shape[0], -1).max(-1)
+        assert np.all(moved > 0), (path, moved)
     return losses, state
+
+
+def _expert_weights(p0, p1):
+    flat0 = jax.tree_util.tree_flatten_with_path(p0)[0]
+    flat1 = jax.tree.leaves(p1)
+    return [
+        (jax.tree_util.keystr(path), (a, b))
+        for (path, a), b in zip(flat0, flat1, strict=True)
+        if jax.tree_util.keystr(path).endswith("['w_in']") and a.ndim == 3
+    ]
 
 
 def lm_config(router: str) -> ConfigDict:
     c = base_config()
     c.model.update(
-        vocab_size=256, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32, moe_every=1
+        vocab_size=256, d_model=32, num_layers=1, num_heads=2, d_ff=64, max_len=32, moe_every=1
     )
     c.moe.update(num_experts=4, top_k=2, d_ff=32, router=router)
     c.moe.update(**ROUTER_EXTRAS.get(router, {}))
@@ -63,7 +78,15 @@ def test_lm_trains_with_every_router(router):
         assert biases and any(float(np.abs(b).sum()) > 0 for b in biases)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+# Two schedules in the default run (compiling a 4-MoE-layer model costs ~5 s each); all six
+# with `-m slow`. Every schedule's per-layer numbers are checked in test_schedules.py.
+DEFAULT_SCHEDULES = ("descending", "wave")
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [s if s in DEFAULT_SCHEDULES else pytest.param(s, marks=pytest.mark.slow) for s in SCHEDULES],
+)
 def test_classifier_trains_with_every_schedule(schedule):
     c = base_config()
     c.model.update(
@@ -76,6 +99,8 @@ def test_classifier_trains_with_every_schedule(schedule):
         num_classes=10,
     )
     c.moe.update(
+        dispatch="capacity",
+        capacity_factor=2.0,
         num_experts=4,
         top_k=1,
         d_ff=32,

@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # A very small LM so that subprocess runs are dominated by start-up, not training.
 SMALL_LM = [
     "--config.model.d_model=32",
-    "--config.model.num_layers=2",
+    "--config.model.num_layers=1",
     "--config.model.num_heads=2",
     "--config.model.d_ff=64",
     "--config.model.max_len=32",
