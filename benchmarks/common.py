@@ -1,0 +1,61 @@
+"""Shared helpers of the benchmark scripts: timing, compiled memory, machine line, output."""
+
+import os
+import platform
+import re
+import statistics
+import time
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timeit(fn, *args, repeats: int = 5, inner: int = 1) -> float:
+    """Median seconds per call after one warm-up call (outputs blocked on)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def temp_bytes(fn, *args) -> int:
+    """Peak temporary bytes of the compiled function (`memory_analysis`), -1 if unknown."""
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
+
+
+def machine_line() -> str:
+    """Machine, device, jax version and the load average (these machines are shared)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = re.findall(r"model name\s*:\s*(.*)", f.read())
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    dev = jax.devices()[0]
+    return (
+        f"Machine: {cpu}, {os.cpu_count()} CPUs, device {dev.platform}/{dev.device_kind}; "
+        f"jax {jax.__version__}; load average at start {load}."
+    )
+
+
+def write_section(title: str, body: str, path: str = os.path.join(ROOT, "BENCHMARKS.md")):
+    """Replaces (or appends) the `## title` section of BENCHMARKS.md."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    head = f"## {title}\n"
+    section = head + "\n" + body.strip() + "\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    else:
+        text = text.rstrip() + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text.rstrip() + "\n")

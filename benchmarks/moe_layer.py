@@ -1,0 +1,191 @@
+"""Whole MoE layer (route, dispatch, experts, combine), fwd+bwd, against its peers.
+
+Usage: python benchmarks/moe_layer.py [--quick] [--repeats N] [--write]
+
+Peers, measured side by side in one run (CPU fp32 by default):
+  dense    a dense SwiGLU FFN of width K*F on the T tokens: the same active FLOPs;
+  ragged   the same jmoe layer with `jax.lax.ragged_dot` as the grouped GEMM;
+  onehot   GShard one-hot einsum dispatch/combine ([T, E, C] tensors, capacity factor 1.25).
+Routing distributions (the router's logits get a +20 offset on the chosen experts):
+  balanced each expert gets T*K/E slots; random: K distinct uniform experts per token;
+  skewed   every token uses expert 0 (1/K of all slots: 50% at K=2), the rest uniform;
+  empty    a quarter of the experts get no tokens, the rest uniform.
+"""
+
+import argparse
+import functools
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import machine_line, temp_bytes, timeit, write_section  # noqa: E402
+from jmoe import dispatch as D  # noqa: E402
+from jmoe import experts, losses, route  # noqa: E402
+from jmoe.routing import RouterConfig  # noqa: E402
+
+SHAPES = {  # name: (T, D, F, E, K)
+    "Mixtral-mini": (2048, 512, 1024, 8, 2),
+    "OLMoE-mini": (512, 512, 256, 64, 8),
+    "DeepSeek-mini": (1024, 512, 128, 256, 8),
+}
+ROUTINGS = ("balanced", "random", "skewed", "empty")
+
+
+def chosen_experts(t, e, k, routing, seed=0):
+    """int[T, K] distinct experts per token following the named distribution."""
+    rng = np.random.default_rng(seed)
+    if routing == "balanced":
+        return (np.arange(t)[:, None] * k + np.arange(k)[None, :]) % e
+    pool = e - e // 4 if routing == "empty" else e
+    scores = rng.random((t, pool))
+    if routing == "skewed":
+        scores[:, 0] = 2.0  # always first.
+    return np.argsort(-scores, axis=1)[:, :k]
+
+
+def make_inputs(shape, routing, seed=0):
+    t, d, f, e, k = shape
+    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+    x = jax.random.normal(keys[0], (t, d), jnp.float32)
+    ids = chosen_experts(t, e, k, routing, seed)
+    offset = np.zeros((t, e), np.float32)
+    np.put_along_axis(offset, ids, 20.0, axis=1)
+    scale = lambda fan: 1.0 / math.sqrt(fan)
+    params = {
+        "router": jax.random.normal(keys[1], (d, e)) * 0.01,
+        "w_in": jax.random.normal(keys[2], (e, d, f)) * scale(d),
+        "w_gate": jax.random.normal(keys[3], (e, d, f)) * scale(d),
+        "w_out": jax.random.normal(keys[4], (e, f, d)) * scale(f),
+    }
+    return x, params, jnp.asarray(offset)
+
+
+def _routing(x, params, offset, cfg):
+    return route(x @ params["router"] + offset, cfg)
+
+
+def moe_dropless(x, params, offset, *, cfg, impl=None, identity_experts=False):
+    routing = _routing(x, params, offset, cfg)
+    xs, plan = D.dropless_dispatch(x, routing, cfg.num_experts)
+    ex = {k: params[k] for k in ("w_in", "w_gate", "w_out")}
+    ys = (
+        xs
+        if identity_experts
+        else experts.grouped_ffn(ex, xs, plan.group_sizes_E, "swiglu", implementation=impl)
+    )
+    y = D.dropless_combine(ys, plan, routing, cfg.num_experts)
+    return y, losses.load_balance_loss(routing)
+
+
+def moe_onehot(x, params, offset, *, cfg, cap):
+    """GShard: dispatch/combine tensors [T, E, C] built from cumsum positions, two einsums."""
+    routing = _routing(x, params, offset, cfg)
+    e = cfg.num_experts
+    onehot_TxKxE = jax.nn.one_hot(routing.expert_ids, e, dtype=jnp.float32)
+    pos_TxKxE = (
+        jnp.cumsum(onehot_TxKxE.reshape(-1, e), axis=0).reshape(onehot_TxKxE.shape) - 1.0
+    ) * onehot_TxKxE
+    keep = onehot_TxKxE * (pos_TxKxE < cap)
+    disp_TxKxExC = keep[..., None] * jax.nn.one_hot(pos_TxKxE, cap, dtype=jnp.float32)
+    dispatch_TxExC = disp_TxKxExC.sum(1)
+    combine_TxExC = (disp_TxKxExC * routing.weights[:, :, None, None]).sum(1)
+    buf = jnp.einsum("tec,td->ecd", dispatch_TxExC, x)
+    ex = {k: params[k] for k in ("w_in", "w_gate", "w_out")}
+    out = experts.batched_ffn(ex, buf, "swiglu")
+    return jnp.einsum("tec,ecd->td", combine_TxExC, out), losses.load_balance_loss(routing)
+
+
+def dense_ffn(x, params, offset, *, k):
+    """A dense SwiGLU FFN of width K*F: the MoE's active FLOPs (router excluded)."""
+    del offset
+    _, d, f = params["w_in"].shape
+    w = {
+        "w_in": params["w_in"][:k].transpose(1, 0, 2).reshape(d, k * f),
+        "w_gate": params["w_gate"][:k].transpose(1, 0, 2).reshape(d, k * f),
+        "w_out": params["w_out"][:k].reshape(k * f, d),
+    }
+    return experts.dense_ffn(w, x, "swiglu"), jnp.float32(0.0)
+
+
+def fwd_bwd(f):
+    def loss(x, params, offset):
+        y, aux = f(x, params, offset)
+        return jnp.sum(jnp.square(y)) + aux
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def measure(shape, routing, repeats):
+    t, d, f, e, k = shape
+    cfg = RouterConfig(num_experts=e, top_k=k, normalize_weights=True)
+    args = make_inputs(shape, routing)
+    cap = D.capacity(t, k, e, 1.25)
+    fns = {
+        "jmoe": functools.partial(moe_dropless, cfg=cfg),
+        "dispatch_only": functools.partial(moe_dropless, cfg=cfg, identity_experts=True),
+        "ragged": functools.partial(moe_dropless, cfg=cfg, impl="ragged_dot"),
+        "onehot": functools.partial(moe_onehot, cfg=cfg, cap=cap),
+        "dense": functools.partial(dense_ffn, k=k),
+    }
+    res = {n: timeit(fwd_bwd(fn), *args, repeats=repeats) for n, fn in fns.items()}
+    res["jmoe_fwd"] = timeit(jax.jit(lambda *a: fns["jmoe"](*a)[0]), *args, repeats=repeats)
+    res["temp_jmoe"] = temp_bytes(fwd_bwd(fns["jmoe"]), *args)
+    res["temp_onehot"] = temp_bytes(fwd_bwd(fns["onehot"]), *args)
+    res["flops"] = 3 * 2 * t * k * 3 * d * f  # fwd+bwd = 3x the forward's 3 matmuls
+    return res
+
+
+def table(quick, repeats):
+    shapes = {"Mixtral-mini": SHAPES["Mixtral-mini"]} if quick else SHAPES
+    routings = ("balanced", "skewed") if quick else ROUTINGS
+    rows = [
+        "| shape (T,D,F,E,K) | routing | jmoe ms | GFLOP/s (active) | vs dense | vs ragged_dot "
+        "| vs one-hot | fwd+bwd / fwd | dispatch+combine share | jmoe temp MiB | one-hot temp MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, shape in shapes.items():
+        for routing in routings:
+            r = measure(shape, routing, repeats)
+            mib = lambda b: f"{b / 2**20:.1f}"
+            rows.append(
+                f"| {name} {shape} | {routing} | {r['jmoe'] * 1e3:.1f} | "
+                f"{r['flops'] / r['jmoe'] / 1e9:.1f} | {r['dense'] / r['jmoe']:.2f} | "
+                f"{r['ragged'] / r['jmoe']:.2f} | {r['onehot'] / r['jmoe']:.2f} | "
+                f"{r['jmoe'] / r['jmoe_fwd']:.2f} | {r['dispatch_only'] / r['jmoe']:.2f} | "
+                f"{mib(r['temp_jmoe'])} | {mib(r['temp_onehot'])} |"
+            )
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--write", action="store_true", help="replace the BENCHMARKS.md section")
+    args = ap.parse_args()
+    body = "\n".join(
+        [
+            machine_line(),
+            f"`benchmarks/moe_layer.py --repeats {args.repeats}`; fp32; fwd+bwd (grads wrt x and "
+            "all parameters) of the whole layer: route, dispatch, experts (SwiGLU), combine, "
+            "balance loss. Ratios are peer time / jmoe time (> 1: jmoe faster); medians. "
+            "`vs dense`: a dense SwiGLU of width K*F (same active FLOPs). `dispatch+combine share`: "
+            "the same layer with identity experts over the full layer.",
+            "",
+            table(args.quick, args.repeats),
+        ]
+    )
+    print(body)
+    if args.write:
+        write_section("moe layer", body)
+
+
+if __name__ == "__main__":
+    main()
