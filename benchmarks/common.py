@@ -49,7 +49,10 @@ def machine_line() -> str:
 
 def write_section(title: str, body: str, path: str = os.path.join(ROOT, "BENCHMARKS.md")):
     """Replaces (or appends) the `## title` section of BENCHMARKS.md."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    text = "# Benchmarks\n"
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
     head = f"## {title}\n"
     section = head + "\n" + body.strip() + "\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)

@@ -145,8 +145,9 @@ def table(quick, repeats):
     shapes = {"Mixtral-mini": SHAPES["Mixtral-mini"]} if quick else SHAPES
     routings = ("balanced", "skewed") if quick else ROUTINGS
     rows = [
-        "| shape (T,D,F,E,K) | routing | jmoe ms | GFLOP/s (active) | vs dense | vs ragged_dot "
-        "| vs one-hot | fwd+bwd / fwd | dispatch+combine share | jmoe temp MiB | one-hot temp MiB |",
+        "| shape (T,D,F,E,K) | routing | jmoe ms | GFLOP/s (active) | vs dense "
+        "| vs ragged_dot | vs one-hot | fwd+bwd / fwd | dispatch+combine share "
+        "| jmoe temp MiB | one-hot temp MiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, shape in shapes.items():
@@ -176,7 +177,8 @@ def main():
             f"`benchmarks/moe_layer.py --repeats {args.repeats}`; fp32; fwd+bwd (grads wrt x and "
             "all parameters) of the whole layer: route, dispatch, experts (SwiGLU), combine, "
             "balance loss. Ratios are peer time / jmoe time (> 1: jmoe faster); medians. "
-            "`vs dense`: a dense SwiGLU of width K*F (same active FLOPs). `dispatch+combine share`: "
+            "`vs dense`: a dense SwiGLU of width K*F (same active FLOPs). "
+            "`dispatch+combine share`: "
             "the same layer with identity experts over the full layer.",
             "",
             table(args.quick, args.repeats),
