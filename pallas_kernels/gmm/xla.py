@@ -1,12 +1,12 @@
 """Fast XLA (CPU) grouped matmul that only does the active FLOPs.
 
-Rows of ``lhs`` are sorted by group. Each group is cut into chunks of ``tm`` rows that start
-at the group's first row (a chunk may run into the next group; those rows are masked out of
-the store). A dynamic-trip-count ``lax.while_loop`` visits the chunks in order: one
-``[tm, K] x [K, N]`` dot per chunk against that group's weights, sliced in place with
-``lax.dynamic_slice`` (no weight gather is materialised). The number of visits is
-``sum_g ceil(size_g / tm) <= ceil(M / tm) + G``, so the work is the active FLOPs plus at most
-``tm - 1`` padded rows per non-empty group, and empty groups cost nothing.
+Rows of ``lhs`` are sorted by group. Each group is cut into chunks that start at the group's
+first row: ``size // tb`` full chunks of ``tb`` rows, then the remainder in chunks of ``ts``
+rows (``ts < tb``; a remainder chunk may run into the next group, and those rows are masked
+out of the store). Dynamic-trip-count ``fori_loop``s visit the chunks in order: one
+``[t, K] x [K, N]`` dot per chunk against that group's weights, sliced in place with
+``lax.dynamic_slice`` (no weight gather is materialised). The work is the active FLOPs plus
+at most ``ts - 1`` padded rows per non-empty group, and empty groups cost nothing.
 
 ``jax.lax.ragged_dot`` on CPU lowers to a dense masked dot over all G groups (G times the
 active FLOPs), which is why this path exists.
@@ -18,7 +18,7 @@ from jax import lax
 
 
 def default_tile_rows(num_rows: int, num_groups: int) -> int:
-    """Rows per chunk: about the mean group size, clipped to [16, 256], a power of two.
+    """Rows per full chunk: about the mean group size, clipped to [16, 256], a power of two.
 
     Args:
       num_rows: M, rows of the grouped matmul.
@@ -34,31 +34,52 @@ def default_tile_rows(num_rows: int, num_groups: int) -> int:
     return max(1, min(tm, num_rows))
 
 
-def _visits(group_sizes_G: jax.Array, num_rows: int, tm: int):
-    """Chunk schedule: for each visit its group, chunk start row and the group's row range.
+def _group_ranges(group_sizes_G: jax.Array, num_rows: int):
+    sizes_G = jnp.maximum(group_sizes_G.astype(jnp.int32), 0)
+    ends_G = jnp.minimum(jnp.cumsum(sizes_G), num_rows).astype(jnp.int32)
+    starts_G = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_G[:-1]])
+    return starts_G, ends_G
+
+
+def _schedules(group_sizes_G, num_rows, tb, ts):
+    """One or two chunk schedules (full ``tb`` chunks, then ``ts`` chunks of the remainders)."""
+    starts_G, ends_G = _group_ranges(group_sizes_G, num_rows)
+    if ts >= tb:
+        return [_visits(starts_G, ends_G, num_rows, tb, -(-num_rows // tb) + len(starts_G))]
+    mid_G = starts_G + (ends_G - starts_G) // tb * tb
+    return [
+        _visits(starts_G, mid_G, num_rows, tb, num_rows // tb),
+        _visits(mid_G, ends_G, num_rows, ts, -(-num_rows // ts) + len(starts_G)),
+    ]
+
+
+def _visits(lo_G: jax.Array, hi_G: jax.Array, num_rows: int, tm: int, max_visits: int):
+    """Chunk schedule over the row ranges ``[lo_G, hi_G)`` in ``tm``-row chunks.
 
     Returns:
-      (num_visits, group_V, start_V, lo_V, hi_V), V = ceil(M / tm) + G (static upper bound);
-      visit v owns rows [lo_V[v], hi_V[v]) of the chunk starting at start_V[v].
-      Visits past ``num_visits`` hold junk and are never executed.
+      (num_visits, group_V, start_V, lo_V, hi_V) with static length ``max_visits``; visit v
+      owns rows ``[lo_V[v], hi_V[v])`` of the chunk starting at ``start_V[v]``. Visits past
+      ``num_visits`` hold junk and are never executed.
     """
-    num_groups = group_sizes_G.shape[0]
-    sizes_G = jnp.maximum(group_sizes_G.astype(jnp.int32), 0)
-    ends_G = jnp.minimum(jnp.cumsum(sizes_G), num_rows)
-    starts_G = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_G[:-1]])
-    sizes_G = ends_G - starts_G
-    chunks_G = (sizes_G + tm - 1) // tm
+    num_groups = lo_G.shape[0]
+    chunks_G = (hi_G - lo_G + tm - 1) // tm
     chunk_ends_G = jnp.cumsum(chunks_G)
-    max_visits = -(-num_rows // tm) + num_groups
+    max_visits = max(max_visits, 1)
     v_V = jnp.arange(max_visits, dtype=jnp.int32)
     group_V = jnp.searchsorted(chunk_ends_G, v_V, side="right").astype(jnp.int32)
     group_V = jnp.minimum(group_V, num_groups - 1)
     j_V = v_V - (chunk_ends_G[group_V] - chunks_G[group_V])
-    chunk_start_V = starts_G[group_V] + j_V * tm
-    # The last chunk is shifted back to stay inside [0, M); its rows before the unshifted
-    # start belong to the previous chunk and are masked out (lo_V).
+    chunk_start_V = lo_G[group_V] + j_V * tm
+    # A chunk past the end of the rows is shifted back to stay inside [0, M); its rows before
+    # the unshifted start belong to an earlier chunk and are masked out (lo_V).
     start_V = jnp.minimum(chunk_start_V, num_rows - tm)
-    return chunk_ends_G[-1], group_V, start_V, chunk_start_V, ends_G[group_V]
+    return chunk_ends_G[-1], group_V, start_V, chunk_start_V, hi_G[group_V]
+
+
+def _tiles(num_rows, num_groups, tile_rows, small_tile_rows):
+    tb = min(tile_rows or default_tile_rows(num_rows, num_groups), num_rows)
+    ts = small_tile_rows or max(16, tb // 4)
+    return tb, min(ts, tb)
 
 
 def gmm(
@@ -69,6 +90,7 @@ def gmm(
     transpose_rhs: bool = False,
     preferred_element_type=None,
     tile_rows: int | None = None,
+    small_tile_rows: int | None = None,
 ) -> jax.Array:
     """out[m] = lhs[m] @ rhs[group(m)] (rhs[g] is [N, K] when ``transpose_rhs``).
 
@@ -78,7 +100,9 @@ def gmm(
       group_sizes_G: int32 rows per group; rows past the sum come out zero.
       transpose_rhs: contract with the last axis of ``rhs``.
       preferred_element_type: output dtype (default ``lhs.dtype``); accumulation is f32.
-      tile_rows: chunk height (default ``default_tile_rows``).
+      tile_rows: full-chunk height (default ``default_tile_rows``).
+      small_tile_rows: remainder-chunk height (default ``max(16, tile_rows // 4)``; a value
+        >= ``tile_rows`` gives a single schedule of ``tile_rows`` chunks).
 
     Returns:
       ``[M, N]``.
@@ -89,28 +113,30 @@ def gmm(
     out_dtype = preferred_element_type or lhs_MxK.dtype
     if num_rows == 0:
         return jnp.zeros((0, n), out_dtype)
-    tm = tile_rows or default_tile_rows(num_rows, num_groups)
-    tm = min(tm, num_rows)
-    num_visits, group_V, start_V, lo_V, hi_V = _visits(group_sizes_G, num_rows, tm)
+    tb, ts = _tiles(num_rows, num_groups, tile_rows, small_tile_rows)
     rhs_contract = 2 if transpose_rhs else 1
-    acc_dtype = jnp.float32
-    row_t = jnp.arange(tm, dtype=jnp.int32)
-
-    def body(v, out_MxN):
-        g, s = group_V[v], start_V[v]
-        x_TxK = lax.dynamic_slice_in_dim(lhs_MxK, s, tm, axis=0)
-        w = lax.dynamic_index_in_dim(rhs_GxKxN, g, axis=0, keepdims=False)
-        y_TxN = lax.dot_general(
-            x_TxK, w, (((1,), (rhs_contract - 1,)), ((), ())), preferred_element_type=acc_dtype
-        ).astype(out_dtype)
-        rows_t = s + row_t
-        keep_t = (rows_t >= lo_V[v]) & (rows_t < hi_V[v])
-        old_TxN = lax.dynamic_slice_in_dim(out_MxN, s, tm, axis=0)
-        new_TxN = jnp.where(keep_t[:, None], y_TxN, old_TxN)
-        return lax.dynamic_update_slice_in_dim(out_MxN, new_TxN, s, axis=0)
-
     out_MxN = jnp.zeros((num_rows, n), out_dtype)
-    return lax.fori_loop(0, num_visits, body, out_MxN)
+    for tm, (num_visits, group_V, start_V, lo_V, hi_V) in zip(
+        (tb, ts), _schedules(group_sizes_G, num_rows, tb, ts), strict=False
+    ):
+        row_t = jnp.arange(tm, dtype=jnp.int32)
+
+        def body(
+            v, out_MxN, tm=tm, group_V=group_V, start_V=start_V, lo_V=lo_V, hi_V=hi_V, row_t=row_t
+        ):
+            g, s = group_V[v], start_V[v]
+            x_TxK = lax.dynamic_slice_in_dim(lhs_MxK, s, tm, axis=0)
+            w = lax.dynamic_index_in_dim(rhs_GxKxN, g, axis=0, keepdims=False)
+            dims = (((1,), (rhs_contract - 1,)), ((), ()))
+            y_TxN = lax.dot_general(x_TxK, w, dims, preferred_element_type=jnp.float32)
+            rows_t = s + row_t
+            keep_t = (rows_t >= lo_V[v]) & (rows_t < hi_V[v])
+            old_TxN = lax.dynamic_slice_in_dim(out_MxN, s, tm, axis=0)
+            new_TxN = jnp.where(keep_t[:, None], y_TxN.astype(out_dtype), old_TxN)
+            return lax.dynamic_update_slice_in_dim(out_MxN, new_TxN, s, axis=0)
+
+        out_MxN = lax.fori_loop(0, num_visits, body, out_MxN)
+    return out_MxN
 
 
 def tgmm(
@@ -121,6 +147,7 @@ def tgmm(
     num_groups: int | None = None,
     preferred_element_type=None,
     tile_rows: int | None = None,
+    small_tile_rows: int | None = None,
 ) -> jax.Array:
     """out[g] = lhs[rows of g]^T @ dout[rows of g]; empty groups give zeros.
 
@@ -130,7 +157,8 @@ def tgmm(
       group_sizes_G: int32 rows per group.
       num_groups: G (default ``group_sizes_G.shape[0]``).
       preferred_element_type: output dtype (default ``lhs.dtype``); accumulation is f32.
-      tile_rows: chunk height.
+      tile_rows: full-chunk height.
+      small_tile_rows: remainder-chunk height.
 
     Returns:
       ``[G, K, N]``.
@@ -142,29 +170,46 @@ def tgmm(
     acc_GxKxN = jnp.zeros((num_groups, k, n), jnp.float32)
     if num_rows == 0:
         return acc_GxKxN.astype(out_dtype)
-    tm = tile_rows or default_tile_rows(num_rows, num_groups)
-    tm = min(tm, num_rows)
-    sizes_G = group_sizes_G[:num_groups]
-    num_visits, group_V, start_V, lo_V, hi_V = _visits(sizes_G, num_rows, tm)
-    row_t = jnp.arange(tm, dtype=jnp.int32)
+    tb, ts = _tiles(num_rows, num_groups, tile_rows, small_tile_rows)
+    schedules = _schedules(group_sizes_G[:num_groups], num_rows, tb, ts)
+    for i, (tm, (num_visits, group_V, start_V, lo_V, hi_V)) in enumerate(
+        zip((tb, ts), schedules, strict=False)
+    ):
+        row_t = jnp.arange(tm, dtype=jnp.int32)
+        # The first schedule keeps a running per-group sum (a group's visits are consecutive)
+        # and stores it without re-reading; a second one adds onto what the first stored.
+        add_to_stored = i > 0
 
-    def body(v, carry):
-        acc_GxKxN, run_KxN = carry
-        g, s = group_V[v], start_V[v]
-        rows_t = s + row_t
-        keep_t = (rows_t >= lo_V[v]) & (rows_t < hi_V[v])
-        x_TxK = lax.dynamic_slice_in_dim(lhs_MxK, s, tm, axis=0)
-        x_TxK = jnp.where(keep_t[:, None], x_TxK, jnp.zeros_like(x_TxK))
-        dy_TxN = lax.dynamic_slice_in_dim(dout_MxN, s, tm, axis=0)
-        upd_KxN = lax.dot_general(
-            x_TxK, dy_TxN, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        # Visits of one group are consecutive: keep a running sum and store it (no re-read).
-        first = (v == 0) | (group_V[jnp.maximum(v - 1, 0)] != g)
-        run_KxN = jnp.where(first, upd_KxN, run_KxN + upd_KxN)
-        acc_GxKxN = lax.dynamic_update_index_in_dim(acc_GxKxN, run_KxN, g, axis=0)
-        return acc_GxKxN, run_KxN
+        def body(
+            v,
+            carry,
+            tm=tm,
+            group_V=group_V,
+            start_V=start_V,
+            lo_V=lo_V,
+            hi_V=hi_V,
+            row_t=row_t,
+            add_to_stored=add_to_stored,
+        ):
+            acc_GxKxN, run_KxN = carry
+            g, s = group_V[v], start_V[v]
+            rows_t = s + row_t
+            keep_t = (rows_t >= lo_V[v]) & (rows_t < hi_V[v])
+            x_TxK = lax.dynamic_slice_in_dim(lhs_MxK, s, tm, axis=0)
+            x_TxK = jnp.where(keep_t[:, None], x_TxK, jnp.zeros_like(x_TxK))
+            dy_TxN = lax.dynamic_slice_in_dim(dout_MxN, s, tm, axis=0)
+            upd_KxN = lax.dot_general(
+                x_TxK, dy_TxN, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            )
+            first = (v == 0) | (group_V[jnp.maximum(v - 1, 0)] != g)
+            if add_to_stored:
+                base_KxN = lax.dynamic_index_in_dim(acc_GxKxN, g, axis=0, keepdims=False)
+                run_KxN = jnp.where(first, base_KxN, run_KxN) + upd_KxN
+            else:
+                run_KxN = jnp.where(first, upd_KxN, run_KxN + upd_KxN)
+            acc_GxKxN = lax.dynamic_update_index_in_dim(acc_GxKxN, run_KxN, g, axis=0)
+            return acc_GxKxN, run_KxN
 
-    run_KxN = jnp.zeros((k, n), jnp.float32)
-    acc_GxKxN, _ = lax.fori_loop(0, num_visits, body, (acc_GxKxN, run_KxN))
+        run_KxN = jnp.zeros((k, n), jnp.float32)
+        acc_GxKxN, _ = lax.fori_loop(0, num_visits, body, (acc_GxKxN, run_KxN))
     return acc_GxKxN.astype(out_dtype)

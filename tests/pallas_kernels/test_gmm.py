@@ -149,15 +149,19 @@ class TestXla(GmmTestBase):
     GRAD_EXAMPLES = 6
 
     @settings(max_examples=10, **_SETTINGS)
-    @given(problems(max_rows=90), st.sampled_from([1, 4, 8, 16]))
-    def test_small_tiles(self, prob, tile_rows):
-        """Many chunks per group, chunks shifted back at the end of the rows."""
+    @given(
+        problems(max_rows=90),
+        st.sampled_from([1, 4, 8, 16]),
+        st.sampled_from([None, 1, 2, 4, 64]),
+    )
+    def test_small_tiles(self, prob, tile_rows, small_tile_rows):
+        """Many chunks per group, two-level schedules, chunks shifted back at the end."""
         m, k, n, sizes = prob
         x, w, c = _inputs(m, k, n, len(sizes), jnp.float32, 5)
         gs = jnp.asarray(sizes)
-        _close(gmm_xla.gmm(x, w, gs, tile_rows=tile_rows), reference.gmm(x, w, gs), jnp.float32)
-        want = reference.tgmm(x, c, gs)
-        _close(gmm_xla.tgmm(x, c, gs, tile_rows=tile_rows), want, jnp.float32)
+        tiles = dict(tile_rows=tile_rows, small_tile_rows=small_tile_rows)
+        _close(gmm_xla.gmm(x, w, gs, **tiles), reference.gmm(x, w, gs), jnp.float32)
+        _close(gmm_xla.tgmm(x, c, gs, **tiles), reference.tgmm(x, c, gs), jnp.float32)
 
 
 class TestRaggedDot(GmmTestBase):
