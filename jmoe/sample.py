@@ -14,11 +14,13 @@ from absl import app, flags, logging
 
 from jmoe import models
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with config.json and checkpoints.")
-_PROMPT = flags.DEFINE_string("prompt", "def ", "Prompt text (encoded as UTF-8 bytes).")
-_NUM = flags.DEFINE_integer("num_tokens", 200, "Bytes to generate.")
-_TEMP = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0: greedy).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+def _define_flags():
+    flags.DEFINE_string("workdir", None, "Run directory with config.json and checkpoints.")
+    flags.DEFINE_string("prompt", "def ", "Prompt text (encoded as UTF-8 bytes).")
+    flags.DEFINE_integer("num_tokens", 200, "Bytes to generate.")
+    flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0: greedy).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def load(workdir: str):
@@ -76,17 +78,19 @@ def generate(
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    cfg, model, state, at = load(_WORKDIR.value)
+    f = flags.FLAGS
+    cfg, model, state, at = load(f.workdir)
     if cfg.model.kind != "lm":
         raise app.UsageError("jmoe.sample needs a language-model run (model.kind='lm')")
-    prompt = _PROMPT.value.encode()
+    prompt = f.prompt.encode()
     text = generate(
-        model, state.params, state.router_state, prompt, _NUM.value, _TEMP.value, _SEED.value
+        model, state.params, state.router_state, prompt, f.num_tokens, f.temperature, f.seed
     )
     print(f"[step {at}]")
     print((prompt + text).decode("utf-8", errors="replace"))
 
 
 if __name__ == "__main__":
+    _define_flags()  # only when run as a program: importing `load`/`generate` defines no flags.
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -8,8 +8,6 @@ from ml_collections import config_flags
 
 from jmoe import models
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-
 
 def summarize(config) -> dict[str, int]:
     return models.count_params(models.build(config), config)
@@ -17,7 +15,7 @@ def summarize(config) -> dict[str, int]:
 
 def main(argv):
     del argv
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     counts = summarize(config)
     m, moe = models.split(config)
     specs = models.layer_specs(m, moe)
@@ -29,5 +27,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so importing this module is side-effect free.
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     flags.mark_flags_as_required(["config"])
     app.run(main)
