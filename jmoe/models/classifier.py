@@ -3,7 +3,17 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jmoe.models.blocks import DTYPES, MoEStack, RMSNorm, layer_specs, make_ffn, param_with_axes
+from jmoe.models.blocks import (
+    DTYPES,
+    LOSS_KEYS,
+    STAT_KEYS,
+    MoEStack,
+    RMSNorm,
+    bias_counts,
+    layer_specs,
+    make_ffn,
+    param_with_axes,
+)
 from jmoe.models.config import ModelConfig, MoEConfig
 
 _init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -22,8 +32,6 @@ class MLPStack(nn.Module):
         specs = layer_specs(c, m)
         aux = {"layers": {}, "router_state_counts": {}, "router_logits": {}}
         prev = None
-        from jmoe.models.blocks import LOSS_KEYS, STAT_KEYS, bias_counts
-
         for i in range(c.num_layers):
             h = RMSNorm(c.norm_eps, dt, pdt, name=f"norm_{i}")(x)
             ffn = make_ffn(c, m, specs.get(i), f"ffn_{i}")
