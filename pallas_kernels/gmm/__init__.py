@@ -1,5 +1,11 @@
 """Grouped matmul (megablox-style): ``gmm`` and ``tgmm`` with per-backend implementations."""
 
-from pallas_kernels.gmm.api import IMPLEMENTATIONS, Implementation, gmm, resolve_implementation, tgmm
+from pallas_kernels.gmm.api import (
+    IMPLEMENTATIONS,
+    Implementation,
+    gmm,
+    resolve_implementation,
+    tgmm,
+)
 
 __all__ = ["IMPLEMENTATIONS", "Implementation", "gmm", "resolve_implementation", "tgmm"]
