@@ -11,9 +11,15 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+    """The run's checkpoint manager. The writer (training) deletes temporary directories left
+    by a save that a crash cut short; a `read_only` reader (sampling) touches nothing."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only,
     )
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -50,7 +56,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
 
 def restore_params(workdir: str, abstract_state):
     """The latest checkpoint's state (for sampling), or raises FileNotFoundError."""
-    mngr = manager(workdir, keep=1000)
+    mngr = manager(workdir, keep=1000, read_only=True)
     got = restore_latest(mngr, abstract_state)
     if got is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
