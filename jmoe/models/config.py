@@ -11,6 +11,7 @@ from typing import Any
 
 from jmoe.layers.moe import MoE
 from jmoe.models.schedules import SCHEDULES
+from jmoe.routing import ROUTER_KINDS
 
 # MoE layer fields the config may set (forwarded to `jmoe.layers.MoE`).
 MOE_LAYER_FIELDS = (
@@ -127,6 +128,12 @@ class MoEConfig(_FromDict):
             raise ValueError(f"MoEConfig.schedule={self.schedule!r} is not one of {SCHEDULES}")
         if self.chain_iterations < 1:
             raise ValueError(f"MoEConfig.chain_iterations={self.chain_iterations} must be >= 1")
+        if self.router not in ROUTER_KINDS:
+            raise ValueError(f"MoEConfig.router={self.router!r} is not one of {ROUTER_KINDS}")
+        try:
+            self.layer(parent=None)  # the layer's own checks (dispatch, top_k, groups, ...).
+        except ValueError as e:
+            raise ValueError(f"invalid MoEConfig (config.moe): {e}") from e
 
     def layer(self, **overrides) -> MoE:
         """A `jmoe.layers.MoE` with these settings (validated now); `name`/`parent` allowed."""
