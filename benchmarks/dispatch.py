@@ -10,8 +10,6 @@ and replaces the `## dispatch` section of BENCHMARKS.md.
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -22,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import machine_line, write_section  # noqa: E402
 from pallas_kernels import dispatch as dsp  # noqa: E402
 from pallas_kernels.dispatch import reference  # noqa: E402
 
@@ -99,23 +98,6 @@ def _measure(loss, t, d, k, e, cf, repeats):
     return c, temp, (statistics.median(times), min(times)), dropped
 
 
-def _machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            m = re.search(r"model name\s*:\s*(.*)", fh.read())
-            cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"{jax.default_backend()} ({dev.device_kind}), {cpu}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__}, float32; load average at start {load} (a shared machine: "
-        "times are noisy, the memory column is exact)"
-    )
-
-
 def run(repeats, shapes):
     rows = []
     for t, d, k, e, cf in shapes:
@@ -142,22 +124,6 @@ def table(rows):
     return head + body
 
 
-def write_section(text, path=os.path.join(_ROOT, "BENCHMARKS.md")):
-    """Replaces (or appends) the `## dispatch` section, leaving other sections untouched."""
-    old = "# Benchmarks\n"
-    if os.path.exists(path):
-        with open(path) as fh:
-            old = fh.read()
-    section = "## dispatch\n\n" + text.rstrip() + "\n"
-    pattern = re.compile(r"^## dispatch\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section + "\n", old, count=1).rstrip() + "\n"
-    else:
-        new = old.rstrip() + "\n\n" + section
-    with open(path, "w") as fh:
-        fh.write(new)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -166,14 +132,14 @@ def main():
     cf = 1.25
     main_shapes = [(4096, 512, 2, e, cf) for e in (8, 64, 256)]
     sweep_shapes = [(t, 512, 2, 64, cf) for t in (1024, 2048)]
-    machine = _machine()
+    machine = machine_line()
     print("machine:", machine)
     rows = run(args.repeats, main_shapes + sweep_shapes)
     tab = table(rows)
     print(tab)
     drops = sorted({(r[3], r[8]) for r in rows if r[0] == 4096})
     text = (
-        f"Machine: {machine}. `benchmarks/dispatch.py --repeats {args.repeats}`.\n\n"
+        f"{machine} `benchmarks/dispatch.py --repeats {args.repeats}`.\n\n"
         "fwd+bwd (grads wrt x and the combine weights) of capacity dispatch -> combine with "
         "no expert in between; top-2 of random logits, capacity factor 1.25, "
         "C = ceil(1.25*T*K/E). temp = compiled `memory_analysis().temp_size_in_bytes`; "
@@ -188,7 +154,7 @@ def main():
         "T*K*D + E*C*D (linear in T).\n\n" + tab
     )
     if not args.no_write:
-        write_section(text)
+        write_section("dispatch", text)
         print("wrote BENCHMARKS.md ## dispatch")
 
 

@@ -15,7 +15,6 @@ padding, sorts, collectives done as memory copies), not a speed-up.
 
 import argparse
 import os
-import platform
 import re
 import sys
 import time
@@ -31,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import machine_line, write_section  # noqa: E402
 from jmoe.layers import MoE  # noqa: E402
 from jmoe.sharding import MeshConfig, batch_sharding, make_mesh, sharded_init  # noqa: E402
 
@@ -51,11 +51,6 @@ def a2a_bytes_per_device(hlo_text: str) -> int:
             n = int(np.prod([int(s) for s in dims.split(",") if s])) if dims else 1
             total += n * _BYTES.get(kind + bits, int(bits or 32) // 8)
     return total
-
-
-def _machine():
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
 
 
 def bench(model, mesh, x, repeats):
@@ -128,8 +123,8 @@ def main():
         for n, m, b, r, o, dr, s, q in rows
     )
     text = (
-        f"Machine: {_machine()}; 8 simulated CPU devices; load average during the run "
-        f"{os.getloadavg()[0]:.1f} (other jobs share the cores: times are indicative). "
+        f"{machine_line()} 8 simulated CPU devices; load average at the end "
+        f"{os.getloadavg()[0]:.1f} (times on shared cores are indicative). "
         f"`benchmarks/expert_parallel.py --repeats {args.repeats} --tokens {t}`.\n\n"
         f"MoE layer T={t}, D={d}, F={f}, E={e}, K={k}, SwiGLU, fp32, the layer's own top-2 "
         f"router at init (close to balanced). Minimum all-to-all traffic per layer forward: "
@@ -153,24 +148,8 @@ def main():
     )
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("expert parallel", text)
         print("wrote BENCHMARKS.md ## expert parallel")
-
-
-def write_section(text, path=os.path.join(_ROOT, "BENCHMARKS.md")):
-    """Replaces (or appends) the `## expert parallel` section, leaving the others untouched."""
-    old = "# Benchmarks\n"
-    if os.path.exists(path):
-        with open(path) as fh:
-            old = fh.read()
-    section = "## expert parallel\n\n" + text.rstrip() + "\n"
-    pattern = re.compile(r"^## expert parallel\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section + "\n", old, count=1).rstrip() + "\n"
-    else:
-        new = old.rstrip() + "\n\n" + section
-    with open(path, "w") as fh:
-        fh.write(new)
 
 
 if __name__ == "__main__":

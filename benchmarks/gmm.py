@@ -10,10 +10,8 @@ All columns of a table are measured side by side in one run (medians over repeat
 import argparse
 import functools
 import os
-import platform
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -21,6 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import machine_line, temp_bytes, timeit  # noqa: E402
 from pallas_kernels.gmm import api  # noqa: E402
 
 CPU_SHAPES = {  # name: (M = T*K, K = D, N = F, G = E)
@@ -61,24 +60,6 @@ def group_sizes(m: int, g: int, routing: str, seed: int = 0) -> np.ndarray:
         sizes[: m - sizes.sum()] += 1
         return sizes.astype(np.int32)
     return rng.multinomial(m, p).astype(np.int32)
-
-
-def timeit(fn, *args, repeats: int = 5, inner: int = 1) -> float:
-    """Median seconds per call after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
-
-
-def temp_bytes(fn, *args) -> int:
-    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
-    return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else -1
 
 
 def _fwd_bwd(f):
@@ -298,11 +279,7 @@ def gpu_table(quick: bool, sweep: bool) -> str:
 
 
 def header(extra: str) -> str:
-    dev = jax.devices()[0]
-    return (
-        f"Machine: {platform.machine()} {os.cpu_count()} CPUs, device {dev.device_kind}; "
-        f"jax {jax.__version__}; {extra}\n"
-    )
+    return f"{machine_line()} {extra}\n"
 
 
 def main():

@@ -11,40 +11,24 @@ from typing import Any
 
 from jmoe.layers.moe import MoE
 from jmoe.models.schedules import SCHEDULES
-from jmoe.routing import ROUTER_KINDS
 
-# MoE layer fields the config may set (forwarded to `jmoe.layers.MoE`).
-MOE_LAYER_FIELDS = (
-    "num_experts",
-    "top_k",
-    "d_ff",
-    "router",
-    "dispatch",
-    "capacity_factor",
-    "min_capacity",
-    "batch_priority",
-    "top_p",
-    "num_null_experts",
-    "num_zero_experts",
-    "num_copy_experts",
-    "num_const_experts",
-    "gating_residual",
-    "normalize_weights",
-    "softmax_order",
-    "noise_std",
-    "jitter_eps",
-    "route_scale",
-    "n_groups",
-    "topk_groups",
-    "stochastic_eval",
-    "hash_seed",
-    "fine_grained",
-    "num_shared_experts",
-    "activation",
-)
+# `jmoe.layers.MoE` fields a config may set; the model sets the rest (dtypes, the hash
+# vocabulary, the mesh) and `MoEConfig` is generated from these, so the two never drift.
+_NOT_FROM_CONFIG = ("parent", "name", "dtype", "param_dtype", "mesh", "hash_vocab_size")
+_LAYER_FIELDS = tuple(f for f in dataclasses.fields(MoE) if f.name not in _NOT_FROM_CONFIG)
+MOE_LAYER_FIELDS = tuple(f.name for f in _LAYER_FIELDS)
+
+
+def _config_type(typ):
+    """The type a config value must have: a Literal's value type (the layer checks values)."""
+    if typing.get_origin(typ) is typing.Literal:
+        return type(typing.get_args(typ)[0])
+    return typ
 
 
 def _check_type(cls_name: str, name: str, value, typ) -> Any:
+    if typ is Any:
+        return value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is tuple or typing.get_origin(typ) is tuple:
@@ -77,8 +61,8 @@ class _FromDict:
 
 
 @dataclasses.dataclass(frozen=True)
-class MoEConfig(_FromDict):
-    """MoE FFN settings: the `jmoe.layers.MoE` fields plus depth-wise options.
+class _MoEOptions(_FromDict):
+    """Depth-wise and training options of the MoE FFNs (the layer fields are added below).
 
     `schedule` (DynaMoE, see `jmoe.models.schedules`) spreads `schedule_budget` experts
     (0: num_experts per MoE layer) over the MoE layers; `chain_iterations` > 1 turns every
@@ -86,32 +70,6 @@ class MoEConfig(_FromDict):
     `bias_update_gamma` is the aux-loss-free bias step of the sigmoid router.
     """
 
-    num_experts: int = 8
-    top_k: int = 2
-    d_ff: int = 512
-    router: str = "topk"
-    dispatch: str = "dropless"
-    capacity_factor: float = 1.25
-    min_capacity: int = 0
-    batch_priority: bool = False
-    top_p: float = 0.5
-    num_null_experts: int = 0
-    num_zero_experts: int = 0
-    num_copy_experts: int = 0
-    num_const_experts: int = 0
-    gating_residual: bool = False
-    normalize_weights: bool = True
-    softmax_order: str = "before"
-    noise_std: float = 0.0
-    jitter_eps: float = 0.0
-    route_scale: float = 1.0
-    n_groups: int = 1
-    topk_groups: int = 1
-    stochastic_eval: str = "random"
-    hash_seed: int = 0
-    fine_grained: int = 1
-    num_shared_experts: int = 0
-    activation: str = "swiglu"
     schedule: str = "uniform"
     schedule_budget: int = 0
     schedule_min_experts: int = 1
@@ -128,18 +86,25 @@ class MoEConfig(_FromDict):
             raise ValueError(f"MoEConfig.schedule={self.schedule!r} is not one of {SCHEDULES}")
         if self.chain_iterations < 1:
             raise ValueError(f"MoEConfig.chain_iterations={self.chain_iterations} must be >= 1")
-        if self.router not in ROUTER_KINDS:
-            raise ValueError(f"MoEConfig.router={self.router!r} is not one of {ROUTER_KINDS}")
-        try:
-            self.layer(parent=None)  # the layer's own checks (dispatch, top_k, groups, ...).
-        except ValueError as e:
-            raise ValueError(f"invalid MoEConfig (config.moe): {e}") from e
 
     def layer(self, **overrides) -> MoE:
         """A `jmoe.layers.MoE` with these settings (validated now); `name`/`parent` allowed."""
         kw = {f: getattr(self, f) for f in MOE_LAYER_FIELDS}
         kw.update(overrides)
         return MoE(**kw)
+
+
+MoEConfig = dataclasses.make_dataclass(
+    "MoEConfig",
+    [(f.name, _config_type(f.type), dataclasses.field(default=f.default)) for f in _LAYER_FIELDS],
+    bases=(_MoEOptions,),
+    frozen=True,
+    namespace={
+        "__doc__": "MoE FFN settings: every `jmoe.layers.MoE` field a config may set, "
+        "plus the depth-wise options of `_MoEOptions`.",
+        "__module__": __name__,
+    },
+)
 
 
 @dataclasses.dataclass(frozen=True)
