@@ -34,7 +34,12 @@ SHAPES = {  # name: (T, D, F, E, K)
     "OLMoE-mini": (512, 512, 256, 64, 8),
     "DeepSeek-mini": (1024, 512, 128, 256, 8),
 }
+GPU_SHAPES = {  # one layer of the real models, bf16
+    "Mixtral-8x7B": (4096, 4096, 14336, 8, 2),
+    "OLMoE-1B-7B": (16384, 2048, 1024, 64, 8),
+}
 ROUTINGS = ("balanced", "random", "skewed", "empty")
+ONEHOT_MAX_ELEMENTS = 2**31  # skip the one-hot peer when its [T, K, E, C] tensor is larger
 
 
 def chosen_experts(t, e, k, routing, seed=0):
@@ -49,7 +54,7 @@ def chosen_experts(t, e, k, routing, seed=0):
     return np.argsort(-scores, axis=1)[:, :k]
 
 
-def make_inputs(shape, routing, seed=0):
+def make_inputs(shape, routing, seed=0, dtype=jnp.float32):
     t, d, f, e, k = shape
     keys = jax.random.split(jax.random.PRNGKey(seed), 6)
     x = jax.random.normal(keys[0], (t, d), jnp.float32)
@@ -63,7 +68,8 @@ def make_inputs(shape, routing, seed=0):
         "w_gate": jax.random.normal(keys[3], (e, d, f)) * scale(d),
         "w_out": jax.random.normal(keys[4], (e, f, d)) * scale(f),
     }
-    return x, params, jnp.asarray(offset)
+    cast = lambda a: a.astype(dtype)
+    return cast(x), jax.tree.map(cast, params), jnp.asarray(offset)
 
 
 def _routing(x, params, offset, cfg):
@@ -121,10 +127,10 @@ def fwd_bwd(f):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def measure(shape, routing, repeats):
+def measure(shape, routing, repeats, dtype=jnp.float32):
     t, d, f, e, k = shape
     cfg = RouterConfig(num_experts=e, top_k=k, normalize_weights=True)
-    args = make_inputs(shape, routing)
+    args = make_inputs(shape, routing, dtype=dtype)
     cap = D.capacity(t, k, e, 1.25)
     fns = {
         "jmoe": functools.partial(moe_dropless, cfg=cfg),
@@ -133,16 +139,20 @@ def measure(shape, routing, repeats):
         "onehot": functools.partial(moe_onehot, cfg=cfg, cap=cap),
         "dense": functools.partial(dense_ffn, k=k),
     }
+    if t * k * e * cap > ONEHOT_MAX_ELEMENTS:
+        del fns["onehot"]
     res = {n: timeit(fwd_bwd(fn), *args, repeats=repeats) for n, fn in fns.items()}
     res["jmoe_fwd"] = timeit(jax.jit(lambda *a: fns["jmoe"](*a)[0]), *args, repeats=repeats)
     res["temp_jmoe"] = temp_bytes(fwd_bwd(fns["jmoe"]), *args)
-    res["temp_onehot"] = temp_bytes(fwd_bwd(fns["onehot"]), *args)
+    res["temp_onehot"] = temp_bytes(fwd_bwd(fns["onehot"]), *args) if "onehot" in fns else 0
     res["flops"] = 3 * 2 * t * k * 3 * d * f  # fwd+bwd = 3x the forward's 3 matmuls
     return res
 
 
-def table(quick, repeats):
-    shapes = {"Mixtral-mini": SHAPES["Mixtral-mini"]} if quick else SHAPES
+def table(quick, repeats, gpu=False):
+    shapes = GPU_SHAPES if gpu else SHAPES
+    shapes = dict(list(shapes.items())[:1]) if quick else shapes
+    dtype = jnp.bfloat16 if gpu else jnp.float32
     routings = ("balanced", "skewed") if quick else ROUTINGS
     rows = [
         "| shape (T,D,F,E,K) | routing | jmoe ms | GFLOP/s (active) | vs dense "
@@ -152,12 +162,13 @@ def table(quick, repeats):
     ]
     for name, shape in shapes.items():
         for routing in routings:
-            r = measure(shape, routing, repeats)
+            r = measure(shape, routing, repeats, dtype)
+            onehot = r["onehot"] / r["jmoe"] if "onehot" in r else float("nan")
             mib = lambda b: f"{b / 2**20:.1f}"
             rows.append(
                 f"| {name} {shape} | {routing} | {r['jmoe'] * 1e3:.1f} | "
                 f"{r['flops'] / r['jmoe'] / 1e9:.1f} | {r['dense'] / r['jmoe']:.2f} | "
-                f"{r['ragged'] / r['jmoe']:.2f} | {r['onehot'] / r['jmoe']:.2f} | "
+                f"{r['ragged'] / r['jmoe']:.2f} | {onehot:.2f} | "
                 f"{r['jmoe'] / r['jmoe_fwd']:.2f} | {r['dispatch_only'] / r['jmoe']:.2f} | "
                 f"{mib(r['temp_jmoe'])} | {mib(r['temp_onehot'])} |"
             )
@@ -170,23 +181,25 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--write", action="store_true", help="replace the BENCHMARKS.md section")
+    ap.add_argument("--gpu", action="store_true", help="bf16 shapes of real model layers")
     args = ap.parse_args()
     body = "\n".join(
         [
             machine_line(),
-            f"`benchmarks/moe_layer.py --repeats {args.repeats}`; fp32; fwd+bwd (grads wrt x and "
+            f"`benchmarks/moe_layer.py --repeats {args.repeats}{' --gpu' if args.gpu else ''}`; "
+            f"{'bf16' if args.gpu else 'fp32'}; fwd+bwd (grads wrt x and "
             "all parameters) of the whole layer: route, dispatch, experts (SwiGLU), combine, "
             "balance loss. Ratios are peer time / jmoe time (> 1: jmoe faster); medians. "
             "`vs dense`: a dense SwiGLU of width K*F (same active FLOPs). "
             "`dispatch+combine share`: "
             "the same layer with identity experts over the full layer.",
             "",
-            table(args.quick, args.repeats),
+            table(args.quick, args.repeats, args.gpu),
         ]
     )
     print(body)
     if args.write:
-        write_section("moe layer", body)
+        write_section("moe layer (GPU)" if args.gpu else "moe layer", body)
 
 
 if __name__ == "__main__":
