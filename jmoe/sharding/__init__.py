@@ -7,6 +7,7 @@ from jmoe.sharding.balance import (
     global_balance_loss,
     global_bias_update,
 )
+from jmoe.sharding.exchange import A2A_KINDS, A2AKind
 from jmoe.sharding.expert_parallel import expert_parallel_ffn, resolve_mesh
 from jmoe.sharding.mesh import MESH_AXES, MeshConfig, axis_size, batch_axes, make_mesh
 from jmoe.sharding.rules import (
@@ -22,6 +23,8 @@ from jmoe.sharding.rules import (
 )
 
 __all__ = [
+    "A2A_KINDS",
+    "A2AKind",
     "BALANCE_LOSS_SCOPES",
     "DEFAULT_RULES",
     "MESH_AXES",

@@ -23,7 +23,6 @@ Axis legend: P expert-axis size, E_l = E / P local experts, T_l local tokens, B 
 import math
 from collections.abc import Sequence
 from functools import partial
-from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -33,30 +32,16 @@ from jmoe import dispatch as dispatch_lib
 from jmoe import experts as experts_lib
 from jmoe import ops
 from jmoe.routing.types import Routing
+from jmoe.sharding.exchange import (
+    all_to_all,
+    capacity_buffer_rows,
+    dropless_buffer_rows,
+    masked_gather_rows,
+    ragged_buffer_rows,
+    ragged_exchange,
+    resolve_a2a,
+)
 from jmoe.sharding.mesh import axis_size, batch_axes
-
-
-@jax.custom_vjp
-def masked_gather_rows(x_NxD, idx_M, valid_M, inv_idx_N, inv_valid_N):
-    """out[i] = x[idx[i]] where valid[i] else 0, for an injective partial map.
-
-    `inv_idx[r]` is the output row that reads x row r (valid where one does); the gradient is
-    then a gather by the inverse map instead of a scatter-add.
-    """
-    n = x_NxD.shape[0]
-    return jnp.where(valid_M[:, None], x_NxD[jnp.clip(idx_M, 0, n - 1)], 0).astype(x_NxD.dtype)
-
-
-def _mgr_fwd(x, idx, valid, inv_idx, inv_valid):
-    return masked_gather_rows(x, idx, valid, inv_idx, inv_valid), (idx, valid, inv_idx, inv_valid)
-
-
-def _mgr_bwd(res, dy):
-    idx, valid, inv_idx, inv_valid = res
-    return masked_gather_rows(dy, inv_idx, inv_valid, idx, valid), None, None, None, None
-
-
-masked_gather_rows.defvjp(_mgr_fwd, _mgr_bwd)
 
 
 def resolve_mesh(mesh=None):
@@ -121,98 +106,6 @@ def route_sharded(
     return fn(logits_TxS, bias, token_ids)
 
 
-def dropless_buffer_rows(t_local: int, k: int, num_experts: int, p: int, buffer_factor=None):
-    """B: rows per (source, destination) block of the padded dropless all-to-all."""
-    exact = t_local * min(k, num_experts // p)
-    if buffer_factor is None:
-        return max(exact, 1)
-    return max(1, min(exact, math.ceil(buffer_factor * t_local * k / p)))
-
-
-def capacity_buffer_rows(t_local: int, k: int, num_experts: int, cap: int, buffer_factor=None):
-    """B: rows per (source, expert) block of the capacity all-to-all."""
-    exact = min(cap, t_local)
-    if buffer_factor is None:
-        return max(exact, 1)
-    return max(1, min(exact, math.ceil(buffer_factor * t_local * k / num_experts)))
-
-
-def _all_to_all(x, axis):
-    return jax.lax.all_to_all(x, axis, 0, 0, tiled=True)
-
-
-A2AKind = Literal["auto", "padded", "ragged", "ragged_emulated"]
-A2A_KINDS: tuple[str, ...] = get_args(A2AKind)
-
-
-def resolve_a2a(kind: str = "auto") -> str:
-    """`auto`: `ragged` where XLA implements `ragged-all-to-all` (TPU, GPU), else `padded`."""
-    if kind not in A2A_KINDS:
-        raise ValueError(f"a2a={kind!r} is not one of {A2A_KINDS}")
-    if kind == "auto":
-        return "ragged" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "padded"
-    return kind
-
-
-def _emulated_ragged_all_to_all(x, out, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
-    """`jax.lax.ragged_all_to_all` semantics from a padded all-to-all (tests on XLA:CPU)."""
-    n, p = x.shape[0], send_sizes.shape[0]
-    i = jnp.arange(n)
-    blocks = jnp.where(
-        (i[None, :] < send_sizes[:, None])[..., None],
-        x[jnp.clip(in_off[:, None] + i[None, :], 0, n - 1)],
-        0,
-    )
-    recv = _all_to_all(blocks, axis_name)  # [P (source), N, D]
-    src_off = _all_to_all(out_off, axis_name)  # where each source writes in my buffer
-    r = jnp.arange(out.shape[0])
-    for q in range(p):
-        j = r - src_off[q]
-        hit = (j >= 0) & (j < recv_sizes[q])
-        out = jnp.where(hit[:, None], recv[q, jnp.clip(j, 0, n - 1)], out)
-    return out
-
-
-def _ragged(x, out_rows, in_off, send_sizes, out_off, recv_sizes, axis, emulate):
-    out = jnp.zeros((out_rows, x.shape[1]), x.dtype)
-    fn = _emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all
-    return fn(x, out, in_off, send_sizes, out_off, recv_sizes, axis_name=axis)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def ragged_exchange(x, in_off, send_sizes, out_off, recv_off, recv_sizes, out_rows, axis, emulate):
-    """Sends rows x[in_off[p]:+send_sizes[p]] to device p at its out_off[p] (over `axis`).
-
-    `recv_off[q]`/`recv_sizes[q]` describe where source q's rows land in this device's
-    [out_rows, D] output. The gradient is the reverse exchange (roles swapped).
-    """
-    return _ragged(x, out_rows, in_off, send_sizes, out_off, recv_sizes, axis, emulate)
-
-
-def _rx_fwd(x, in_off, send_sizes, out_off, recv_off, recv_sizes, out_rows, axis, emulate):
-    y = _ragged(x, out_rows, in_off, send_sizes, out_off, recv_sizes, axis, emulate)
-    return y, (x.shape[0], in_off, send_sizes, recv_off, recv_sizes)
-
-
-def _rx_bwd(out_rows, axis, emulate, res, dy):
-    n, in_off, send_sizes, recv_off, recv_sizes = res
-    # Back to each source q, from my recv_off[q], into its in_off (as q sees it).
-    src_in_off = _all_to_all(in_off, axis)
-    dx = _ragged(dy, n, recv_off, recv_sizes, src_in_off, send_sizes, axis, emulate)
-    return dx, None, None, None, None, None
-
-
-ragged_exchange.defvjp(_rx_fwd, _rx_bwd)
-
-
-def ragged_buffer_rows(t_local: int, k: int, num_experts: int, p: int, buffer_factor=None):
-    """R: rows a device can receive in the ragged dropless exchange."""
-    exact = p * t_local * min(k, num_experts // p)
-    if buffer_factor is None:
-        return max(exact, 1)
-    return max(1, min(exact, math.ceil(buffer_factor * t_local * k)))
-
-
 def _ragged_local(params, x, ids, act, w, *, e, p, r, axis, tensor_axis, activation, impl, emulate):
     """Dropless expert parallelism with ragged all-to-alls: only active rows move."""
     t_l, k = ids.shape
@@ -232,7 +125,7 @@ def _ragged_local(params, x, ids, act, w, *, e, p, r, axis, tensor_axis, activat
     recv_off = jnp.minimum(before[:, me], r).astype(jnp.int32)
     cum = jnp.cumsum(sizes_pe, axis=1)
     kept_pe = jnp.clip(jnp.minimum(cum, kept[:, None]) - (cum - sizes_pe), 0).astype(jnp.int32)
-    recv_kept = _all_to_all(kept_pe, axis).reshape(-1)  # (source, local expert) blocks
+    recv_kept = all_to_all(kept_pe, axis).reshape(-1)  # (source, local expert) blocks
 
     x_nd = jnp.broadcast_to(x[:, None, :], (t_l, k, d)).reshape(n, d)
     xs = ops.permute_rows(x_nd, order, inv)
@@ -246,7 +139,7 @@ def _ragged_local(params, x, ids, act, w, *, e, p, r, axis, tensor_axis, activat
     )
     y_recv = ops.permute_rows(ys, i2, o2)
     back = ragged_exchange(
-        y_recv, recv_off, recv_sizes, _all_to_all(starts, axis), starts, kept, n, axis, emulate
+        y_recv, recv_off, recv_sizes, all_to_all(starts, axis), starts, kept, n, axis, emulate
     )
     y_nd = ops.permute_rows(back, inv, order)
     dest = jnp.clip(ids.reshape(-1) // e_l, 0, p - 1)
@@ -281,15 +174,15 @@ def _dropless_local(params, x, ids, act, w, *, e, p, b, axis, tensor_axis, activ
 
     x_nd = jnp.broadcast_to(x[:, None, :], (t_l, k, d)).reshape(n, d)
     send_buf = masked_gather_rows(x_nd, buf_idx, buf_valid, slot_buf, slot_valid)
-    recv = _all_to_all(send_buf.reshape(p, b, d), axis)  # [P (source), B, D]
-    recv_kept = _all_to_all(kept_pe, axis)  # [P (source), E_l]
+    recv = all_to_all(send_buf.reshape(p, b, d), axis)  # [P (source), B, D]
+    recv_kept = all_to_all(kept_pe, axis)  # [P (source), E_l]
     ends = jnp.cumsum(recv_kept, axis=1)
     lid = jax.vmap(lambda en: jnp.searchsorted(en, j, side="right"))(ends).reshape(-1, 1)
     o2, i2, sizes_l = ops.sort_by_expert(lid.astype(jnp.int32), lid < e_l, e_l)
     xs = ops.permute_rows(recv.reshape(p * b, d), o2, i2)
     ys = experts_lib.grouped_ffn(params, xs, sizes_l, activation, implementation=impl)
     y_recv = ops.permute_rows(ys, i2, o2).reshape(p, b, d)
-    back = _all_to_all(y_recv, axis).reshape(p * b, d)
+    back = all_to_all(y_recv, axis).reshape(p * b, d)
     y_nd = masked_gather_rows(back, slot_buf, slot_valid, buf_idx, buf_valid)
     wk = jnp.where(slot_valid.reshape(t_l, k), w, 0.0)
     y = dispatch_lib.weighted_sum_slots(y_nd.reshape(t_l, k, d), wk)
@@ -307,11 +200,11 @@ def _capacity_local(params, x, ids, keep, w, *, e, p, b, axis, tensor_axis, acti
     ok = keep & (pos >= 0) & (pos < b)
     pos = jnp.where(ok, pos, -1)
     buf = ops.capacity_dispatch(x, ids, pos, e, b)  # [E, B, D]
-    recv = _all_to_all(buf.reshape(p, e_l, b, d), axis)  # [P (source), E_l, B, D]
+    recv = all_to_all(buf.reshape(p, e_l, b, d), axis)  # [P (source), E_l, B, D]
     h = recv.transpose(1, 0, 2, 3).reshape(e_l, p * b, d)
     out = experts_lib.batched_ffn(params, h, activation)
     out = out.reshape(e_l, p, b, d).transpose(1, 0, 2, 3)
-    back = _all_to_all(out, axis).reshape(e, b, d)
+    back = all_to_all(out, axis).reshape(e, b, d)
     y = ops.capacity_combine(back, ids, pos, jnp.where(ok, w, 0.0))
     if tensor_axis is not None:
         y = jax.lax.psum(y, tensor_axis)

@@ -1,6 +1,7 @@
 """Public grouped-matmul API: implementation registry, argument checks and the custom VJP."""
 
 import functools
+import importlib
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -20,7 +21,9 @@ _BACKENDS = {
     "triton": ("gpu", "cuda", "rocm"),
     "mosaic_tpu": ("tpu",),
 }
-_INTERPRETABLE = ("triton", "mosaic_tpu")
+# Pallas kernels, imported only when used: implementation -> module of `gmm` and `tgmm`.
+_KERNEL_MODULES = {"triton": "pallas_kernels.gmm.gpu", "mosaic_tpu": "pallas_kernels.gmm.tpu"}
+_INTERPRETABLE = tuple(_KERNEL_MODULES)
 _DEFAULTS = {"cpu": "xla", "gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
 
 
@@ -88,29 +91,15 @@ def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
         total = jnp.sum(group_sizes)
         keep = jnp.arange(lhs.shape[0]) < total
         return jnp.where(keep[:, None], out, 0).astype(out_dtype)
-    if impl == "triton":
-        from pallas_kernels.gmm import gpu
-
-        return gpu.gmm(
-            lhs,
-            rhs,
-            group_sizes,
-            transpose_rhs=transpose_rhs,
-            preferred_element_type=out_dtype,
-            interpret=interpret,
-        )
-    if impl == "mosaic_tpu":
-        from pallas_kernels.gmm import tpu
-
-        return tpu.gmm(
-            lhs,
-            rhs,
-            group_sizes,
-            transpose_rhs=transpose_rhs,
-            preferred_element_type=out_dtype,
-            interpret=interpret,
-        )
-    raise AssertionError(impl)
+    kernel = importlib.import_module(_KERNEL_MODULES[impl])
+    return kernel.gmm(
+        lhs,
+        rhs,
+        group_sizes,
+        transpose_rhs=transpose_rhs,
+        preferred_element_type=out_dtype,
+        interpret=interpret,
+    )
 
 
 def _tgmm_impl(lhs, dout, group_sizes, num_groups, out_dtype, impl, interpret):
@@ -126,29 +115,15 @@ def _tgmm_impl(lhs, dout, group_sizes, num_groups, out_dtype, impl, interpret):
         return xla.tgmm(
             lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype
         )
-    if impl == "triton":
-        from pallas_kernels.gmm import gpu
-
-        return gpu.tgmm(
-            lhs,
-            dout,
-            group_sizes,
-            num_groups=num_groups,
-            preferred_element_type=out_dtype,
-            interpret=interpret,
-        )
-    if impl == "mosaic_tpu":
-        from pallas_kernels.gmm import tpu
-
-        return tpu.tgmm(
-            lhs,
-            dout,
-            group_sizes,
-            num_groups=num_groups,
-            preferred_element_type=out_dtype,
-            interpret=interpret,
-        )
-    raise AssertionError(impl)
+    kernel = importlib.import_module(_KERNEL_MODULES[impl])
+    return kernel.tgmm(
+        lhs,
+        dout,
+        group_sizes,
+        num_groups=num_groups,
+        preferred_element_type=out_dtype,
+        interpret=interpret,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))

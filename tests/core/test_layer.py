@@ -145,7 +145,7 @@ def test_fine_grained_and_shared_experts_shapes_and_active_params():
     x = _x(6)
     params, _ = _init(layer, x, None)
     assert params["w_in"].shape == (16, DM, 8)
-    assert params["w_in_1"].shape == (DM, 16) if "w_in_1" in params else True
+    assert params["shared_w_in"].shape == (DM, 16)  # 2 shared experts of width 32 / 4
     y, aux = layer.apply({"params": params}, x)
     assert y.shape == x.shape
     assert float(aux["experts_per_token_mean"]) == 4.0
