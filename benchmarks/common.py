@@ -8,6 +8,8 @@ import time
 
 import jax
 
+from jmoe import runtime
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,3 +64,14 @@ def write_section(title: str, body: str, path: str = os.path.join(ROOT, "BENCHMA
         text = text.rstrip() + "\n\n" + section
     with open(path, "w") as f:
         f.write(text.rstrip() + "\n")
+
+
+def set_malloc(mode: str) -> str:
+    """Applies ``jmoe.runtime.keep_freed_memory()`` for ``mode="keep"`` (call before JAX starts).
+
+    Returns:
+      A sentence for the benchmark's header saying which allocator setting the run used.
+    """
+    if mode == "keep" and runtime.keep_freed_memory():
+        return "Allocator: `jmoe.runtime.keep_freed_memory()` (glibc keeps freed buffers)."
+    return "Allocator: glibc defaults (big buffers are mmapped and page-faulted at every call)."

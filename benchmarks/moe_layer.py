@@ -24,7 +24,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine_line, temp_bytes, timeit, write_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    machine_line,
+    set_malloc,
+    temp_bytes,
+    timeit,
+    write_section,
+)
 from jmoe import dispatch as D  # noqa: E402
 from jmoe import experts, losses, route  # noqa: E402
 from jmoe.routing import RouterConfig  # noqa: E402
@@ -107,16 +113,23 @@ def moe_onehot(x, params, offset, *, cfg, cap):
     return jnp.einsum("tec,ecd->td", combine_TxExC, out), losses.load_balance_loss(routing)
 
 
-def dense_ffn(x, params, offset, *, k):
-    """A dense SwiGLU FFN of width K*F: the MoE's active FLOPs (router excluded)."""
-    del offset
+def dense_params(params, k):
+    """Weights of a dense SwiGLU FFN of width K*F (the MoE's active FLOPs, router excluded).
+
+    Separate arrays: differentiating slices of the [E, D, F] expert weights would also make
+    the dense peer write [E, D, F] gradients.
+    """
     _, d, f = params["w_in"].shape
-    w = {
+    return {
         "w_in": params["w_in"][:k].transpose(1, 0, 2).reshape(d, k * f),
         "w_gate": params["w_gate"][:k].transpose(1, 0, 2).reshape(d, k * f),
         "w_out": params["w_out"][:k].reshape(k * f, d),
     }
-    return experts.dense_ffn(w, x, "swiglu"), jnp.float32(0.0)
+
+
+def dense_ffn(x, params, offset):
+    del offset
+    return experts.dense_ffn(params, x, "swiglu"), jnp.float32(0.0)
 
 
 def fwd_bwd(f):
@@ -137,11 +150,12 @@ def measure(shape, routing, repeats, dtype=jnp.float32):
         "dispatch_only": functools.partial(moe_dropless, cfg=cfg, identity_experts=True),
         "ragged": functools.partial(moe_dropless, cfg=cfg, impl="ragged_dot"),
         "onehot": functools.partial(moe_onehot, cfg=cfg, cap=cap),
-        "dense": functools.partial(dense_ffn, k=k),
     }
     if t * k * e * cap > ONEHOT_MAX_ELEMENTS:
         del fns["onehot"]
     res = {n: timeit(fwd_bwd(fn), *args, repeats=repeats) for n, fn in fns.items()}
+    x, params, offset = args
+    res["dense"] = timeit(fwd_bwd(dense_ffn), x, dense_params(params, k), offset, repeats=repeats)
     res["jmoe_fwd"] = timeit(jax.jit(lambda *a: fns["jmoe"](*a)[0]), *args, repeats=repeats)
     res["temp_jmoe"] = temp_bytes(fwd_bwd(fns["jmoe"]), *args)
     res["temp_onehot"] = temp_bytes(fwd_bwd(fns["onehot"]), *args) if "onehot" in fns else 0
@@ -182,11 +196,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--write", action="store_true", help="replace the BENCHMARKS.md section")
     ap.add_argument("--gpu", action="store_true", help="bf16 shapes of real model layers")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep")
     args = ap.parse_args()
+    malloc_note = set_malloc(args.malloc)
     body = "\n".join(
         [
             machine_line(),
-            f"`benchmarks/moe_layer.py --repeats {args.repeats}{' --gpu' if args.gpu else ''}`; "
+            f"`benchmarks/moe_layer.py --repeats {args.repeats}{' --gpu' if args.gpu else ''} "
+            f"--malloc {args.malloc}`. {malloc_note} "
             f"{'bf16' if args.gpu else 'fp32'}; fwd+bwd (grads wrt x and "
             "all parameters) of the whole layer: route, dispatch, experts (SwiGLU), combine, "
             "balance loss. Ratios are peer time / jmoe time (> 1: jmoe faster); medians. "
