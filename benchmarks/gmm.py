@@ -132,13 +132,22 @@ def _gpu_time(fn, *args, repeats=5, inner=5):
     return timeit(fn, *args, repeats=repeats, inner=inner)
 
 
-def _torch_grouped_mm(x_np, w_np, sizes, repeats=5, inner=5):
+def _to_torch(a):
+    import torch
+
+    try:
+        return torch.from_dlpack(a)  # same device buffer, no copy
+    except Exception:  # noqa: BLE001
+        return torch.from_numpy(np.asarray(a.astype(jnp.float32))).to("cuda", torch.bfloat16)
+
+
+def _torch_grouped_mm(x, w, sizes, repeats=5, inner=5):
+    """torch._grouped_mm on the same bf16 inputs, timed with CUDA events (None if absent)."""
     import torch
 
     if not hasattr(torch, "_grouped_mm"):
         return None
-    x = torch.from_numpy(x_np).to("cuda", torch.bfloat16)
-    w = torch.from_numpy(w_np).to("cuda", torch.bfloat16)  # [G, K, N]
+    x, w = _to_torch(x), _to_torch(w)  # w: [G, K, N]
     w = w.transpose(-2, -1).contiguous().transpose(-2, -1)  # column-major per group
     offs = torch.from_numpy(np.cumsum(sizes).astype(np.int32)).to("cuda")
     fn = lambda: torch._grouped_mm(x, w, offs=offs, out_dtype=torch.bfloat16)
@@ -156,70 +165,104 @@ def _torch_grouped_mm(x_np, w_np, sizes, repeats=5, inner=5):
     return statistics.median(times)
 
 
-def gpu_table(quick: bool, sweep: bool) -> str:
-    from pallas_kernels.gmm import gpu
-
+def _mgpu_time(x, w, gs, n):
+    """JAX's Mosaic-GPU ragged_dot (block 128x128x64, 4 stages), or None."""
     try:
         from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
     except Exception:  # noqa: BLE001
-        ragged_dot_mgpu = None
+        return None
+    for bn_grid in (8, 4, 2, 1):
+        if n % (bn_grid * 128):
+            continue
+        try:
+            f = functools.partial(
+                ragged_dot_mgpu.ragged_dot,
+                group_sizes=gs,
+                block_m=128,
+                block_n=128,
+                block_k=64,
+                max_concurrent_steps=4,
+                grid_block_n=bn_grid,
+            )
+            return _gpu_time(jax.jit(f), x, w)
+        except Exception as e:  # noqa: BLE001
+            print(f"mgpu failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    return None
+
+
+def _ours_best(name, x, w, gs, sizes, configs):
+    """(seconds, config) of the fastest config that passes a row-slice check, else (None, None)."""
+    from pallas_kernels.gmm import gpu
+
+    # Rows [a, b) of the last non-empty group (crosses no boundary) vs an f32 reference.
+    last = int(np.nonzero(sizes)[0][-1])
+    b_row = int(sizes[: last + 1].sum())
+    a_row = max(int(sizes[:last].sum()), b_row - 256)
+    want = jnp.dot(x[a_row:b_row].astype(jnp.float32), w[last].astype(jnp.float32))
+    flops = 2 * x.shape[0] * x.shape[1] * w.shape[2]
+    best = (None, None)
+    for cfg in configs:
+        f = jax.jit(functools.partial(gpu.gmm, **dict(zip(gpu.GMM_KEYS, cfg, strict=True))))
+        try:
+            got = f(x, w, gs)[a_row:b_row].astype(jnp.float32)
+            err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+            t = _gpu_time(f, x, w, gs)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name} cfg {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        print(f"{name} cfg {cfg}: {flops / t / 1e12:.0f} TFLOP/s rel err {err:.1e}", flush=True)
+        if err < 2e-2 and (best[0] is None or t < best[0]):
+            best = (t, cfg)
+    return best
+
+
+def _fwd_bwd_times(x, w, gs, c):
+    """Seconds of jit(grad(sum(y^2 * c))) through our VJP, and through one dense GEMM whose
+    weight is its own [K, N] array (so dense writes a [K, N] gradient, not [G, K, N])."""
+    loss = lambda f: jax.jit(
+        jax.grad(lambda x_, w_, c_: jnp.sum(jnp.square(f(x_, w_).astype(jnp.float32)) * c_), (0, 1))
+    )
+    try:
+        fb = loss(lambda x_, w_, gs=gs: api.gmm(x_, w_, gs, implementation="triton"))
+        t_fb = _gpu_time(fb, x, w, c, repeats=3, inner=2)
+    except Exception as e:  # noqa: BLE001
+        print(f"fwd+bwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        t_fb = None
+    w_dense = w[0]  # a separate [K, N] buffer (the slice is a copy)
+    t_dfb = _gpu_time(loss(jnp.dot), x, w_dense, c, repeats=3, inner=2)
+    return t_fb, t_dfb
+
+
+def gpu_table(quick: bool, sweep: bool) -> str:
+    from pallas_kernels.gmm import gpu
+
     shapes = GPU_SHAPES
     if quick:
         shapes = {k: (m // 8, kk // 2, n // 2, g) for k, (m, kk, n, g) in GPU_SHAPES.items()}
     routing = "balanced"
     rows = [
         "| shape (M,K,N,G) | routing | ours fwd TFLOP/s | config | dense | ragged_dot | "
-        "ragged_dot_mgpu | torch._grouped_mm | ours/dense | ours fwd+bwd TFLOP/s | "
-        "dense fwd+bwd |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "ragged_dot_mgpu | torch._grouped_mm | ours/dense | ours/torch | ours fwd+bwd TFLOP/s | "
+        "dense fwd+bwd | fwd+bwd ours/dense |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    configs = [(128, 256, 64, 8, 8, 3)]  # (block_m, block_n, block_k, group_m, warps, stages)
-    if sweep:
-        configs += [(128, 256, 64, 4, 8, 3), (128, 256, 64, 8, 8, 4)]
-    rng = np.random.default_rng(0)
+    rkey = jax.random.PRNGKey(0)
     for name, (m, k, n, g) in shapes.items():
         sizes = group_sizes(m, g, routing)
-        x_np = rng.standard_normal((m, k), dtype=np.float32)
-        w_np = (rng.standard_normal((g, k, n), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
-        x = jnp.asarray(x_np, jnp.bfloat16)
-        w = jnp.asarray(w_np, jnp.bfloat16)
+        k1, k2, k3, rkey = jax.random.split(rkey, 4)
+        x = jax.random.normal(k1, (m, k), jnp.bfloat16)
+        w = jax.random.normal(k2, (g, k, n), jnp.bfloat16) * jnp.bfloat16(1 / np.sqrt(k))
+        c = jax.random.normal(k3, (m, n), jnp.bfloat16)
         gs = jnp.asarray(sizes)
         flops = 2 * m * k * n
         tf = lambda t, flops=flops: f"{flops / t / 1e12:.0f}" if t else "n/a"
-        best = (None, None)
-        for cfg in configs:
-            bm, bn, bk, gm, nw, ns = cfg
-            f = jax.jit(
-                functools.partial(
-                    gpu.gmm,
-                    block_m=bm,
-                    block_n=bn,
-                    block_k=bk,
-                    group_m=gm,
-                    num_warps=nw,
-                    num_stages=ns,
-                )
-            )
-            try:
-                out = f(x, w, gs)
-                # Check a row slice against an f32 XLA reference for every config.
-                # Rows [a, b) of the last non-empty group (crosses no boundary).
-                last = int(np.nonzero(sizes)[0][-1])
-                b_row = int(sizes[: last + 1].sum())
-                a_row = max(int(sizes[:last].sum()), b_row - 256)
-                want = jnp.dot(x[a_row:b_row].astype(jnp.float32), w[last].astype(jnp.float32))
-                got = out[a_row:b_row].astype(jnp.float32)
-                err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-                t = _gpu_time(f, x, w, gs)
-            except Exception as e:  # noqa: BLE001
-                print(f"{name} cfg {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            print(f"{name} cfg {cfg}: {tf(t)} TFLOP/s rel err {err:.1e}", flush=True)
-            if err < 2e-2 and (best[0] is None or t < best[0]):
-                best = (t, cfg)
-        t_ours, cfg = best
-        dense = jax.jit(lambda x, w: jnp.dot(x, w[0]))
-        t_dense = _gpu_time(dense, x, w)
+        # The API default for this shape first; --sweep adds last session's default and others.
+        default = tuple(gpu.gmm_config(m, k, n, g)[key] for key in gpu.GMM_KEYS)
+        configs = [default]
+        if sweep:
+            configs += [(128, 256, 64, 8, 8, 3), (128, 256, 64, 4, 8, 3), (128, 128, 64, 8, 4, 4)]
+        t_ours, cfg = _ours_best(name, x, w, gs, sizes, list(dict.fromkeys(configs)))
+        t_dense = _gpu_time(jax.jit(jnp.dot), x, w[0])
         try:
             if g * m * k * 2 > 40 * 2**30:  # XLA's dense rewrite needs a [G, M, K] operand
                 raise MemoryError(f"dense rewrite needs {g * m * k * 2 / 2**30:.0f} GiB")
@@ -228,53 +271,22 @@ def gpu_table(quick: bool, sweep: bool) -> str:
         except Exception as e:  # noqa: BLE001
             print(f"ragged_dot failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             t_rd = None
-        t_mgpu = None
-        if ragged_dot_mgpu is not None:
-            for bn_grid in (8, 4, 2, 1):
-                if n % (bn_grid * 128):
-                    continue
-                try:
-                    mg = jax.jit(
-                        functools.partial(
-                            ragged_dot_mgpu.ragged_dot,
-                            group_sizes=gs,
-                            block_m=128,
-                            block_n=128,
-                            block_k=64,
-                            max_concurrent_steps=4,
-                            grid_block_n=bn_grid,
-                        )
-                    )
-                    t_mgpu = _gpu_time(mg, x, w)
-                    break
-                except Exception as e:  # noqa: BLE001
-                    print(f"mgpu failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        t_mgpu = _mgpu_time(x, w, gs, n)
         try:
-            t_torch = _torch_grouped_mm(x_np, w_np, sizes)
+            t_torch = _torch_grouped_mm(x, w, sizes)
         except Exception as e:  # noqa: BLE001
             print(f"torch failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             t_torch = None
-        c = jnp.asarray(rng.standard_normal((m, n), dtype=np.float32), jnp.bfloat16)
-        loss = lambda f: jax.jit(
-            jax.grad(
-                lambda x_, w_, c_: jnp.sum(jnp.square(f(x_, w_).astype(jnp.float32)) * c_), (0, 1)
-            )
-        )
-        try:
-            fb = loss(lambda x_, w_, gs=gs: api.gmm(x_, w_, gs, implementation="triton"))
-            t_fb = _gpu_time(fb, x, w, c, repeats=3, inner=2)
-        except Exception as e:  # noqa: BLE001
-            print(f"fwd+bwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            t_fb = None
-        t_dfb = _gpu_time(loss(lambda x_, w_: jnp.dot(x_, w_[0])), x, w, c, repeats=3, inner=2)
+        t_fb, t_dfb = _fwd_bwd_times(x, w, gs, c)
         tf3 = lambda t, flops=flops: f"{3 * flops / t / 1e12:.0f}" if t else "n/a"
+        ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
         rows.append(
             f"| {name} ({m},{k},{n},{g}) | {routing} | {tf(t_ours)} | {cfg} | {tf(t_dense)} | "
-            f"{tf(t_rd)} | {tf(t_mgpu)} | {tf(t_torch)} | "
-            f"{(t_dense / t_ours) if t_ours else float('nan'):.2f} | {tf3(t_fb)} | "
-            f"{tf3(t_dfb)} |"
+            f"{tf(t_rd)} | {tf(t_mgpu)} | {tf(t_torch)} | {ratio(t_dense, t_ours)} | "
+            f"{ratio(t_torch, t_ours)} | {tf3(t_fb)} | {tf3(t_dfb)} | {ratio(t_dfb, t_fb)} |"
         )
         print(rows[-1], flush=True)
+        del x, w, c
     return "\n".join(rows)
 
 

@@ -12,6 +12,9 @@ Accumulation is f32.
 
 ``tgmm`` launches one program per (group, K tile, N tile) that loops over the group's rows in
 ``bm`` chunks (a dynamic trip count); empty groups store zeros.
+
+Tile sizes the caller leaves out come from ``gmm_config`` / ``tgmm_config``: small, measured
+heuristics (H100 numbers in their docstrings and in BENCHMARKS.md).
 """
 
 import functools
@@ -44,7 +47,10 @@ def _visit_table(group_sizes_G: jax.Array, num_rows: int, bm: int):
     chunk_ends_H = jnp.cumsum(chunks_H)
     max_visits = _cdiv(num_rows, bm) + num_groups + 1
     v_V = jnp.arange(max_visits, dtype=jnp.int32)
-    group_V = jnp.searchsorted(chunk_ends_H, v_V, side="right").astype(jnp.int32)
+    # compare_all: one fused [V, G + 1] comparison. The default "scan" method is a loop of
+    # dependent steps that cost 3-14% of the whole gmm at the benchmark shapes (H100).
+    group_V = jnp.searchsorted(chunk_ends_H, v_V, side="right", method="compare_all")
+    group_V = group_V.astype(jnp.int32)
     live_V = group_V <= num_groups
     safe_V = jnp.minimum(group_V, num_groups)
     j_V = v_V - (chunk_ends_H[safe_V] - chunks_H[safe_V])
@@ -147,6 +153,50 @@ def _gmm_kernel(
         pltr.store(out_at, jnp.zeros((bm, bn), out_ref.dtype), mask=out_mask)
 
 
+# Defaults when the caller passes no tile sizes, measured on an H100 (bf16, balanced routing,
+# the four shapes of benchmarks/gmm.py's GPU table; BENCHMARKS.md, "gmm", GPU). gmm: 128 x 256
+# tiles with block_k 64 and 8 warps were the best or within noise of it at every shape, forward
+# and d lhs (256 x 128: up to 14% slower; 128 x 128: ~10% slower; 64-row tiles: up to 45%
+# slower; block_k 128 never better); group_m and stages only mattered for short groups.
+GMM_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
+TGMM_KEYS = ("block_m", "block_k", "block_n", "num_warps", "num_stages")
+
+
+def gmm_config(m: int, k: int, n: int, num_groups: int, transpose_rhs: bool = False) -> dict:
+    """Tile config for ``gmm`` when the caller passes none (keys ``GMM_KEYS``).
+
+    Short groups (at most 256 rows per group on average, e.g. DeepSeek-V3's 256 experts) make
+    the kernel stream weights (ncu: DRAM 82%, L2 93% busy at 128 x 256 tiles): there, 4
+    pipeline stages and swizzle super-blocks of 4 visits measured +7% (forward) and +10%
+    (d lhs) over 3 stages and 8 visits; elsewhere the difference was within noise (+-4%).
+    """
+    del k, n, transpose_rhs
+    short = m <= 256 * num_groups
+    return dict(
+        block_m=128,
+        block_n=256,
+        block_k=64,
+        group_m=4 if short else 8,
+        num_warps=8,
+        num_stages=4 if short else 3,
+    )
+
+
+def tgmm_config(m: int, k: int, n: int, num_groups: int) -> dict:
+    """Tile config for ``tgmm`` when the caller passes none (keys ``TGMM_KEYS``).
+
+    128 x 128 output tiles, 32 rows per step, 4 warps, 4 stages: +3% to +16% over the
+    previous (64 rows, 8 warps, 3 stages) at all four benchmark shapes in three interleaved
+    runs; larger output tiles and 64-row steps were no better beyond noise.
+    """
+    del m, k, n, num_groups
+    return dict(block_m=32, block_k=128, block_n=128, num_warps=4, num_stages=4)
+
+
+def _fill(config: dict, given: dict) -> dict:
+    return {key: config[key] if given[key] is None else given[key] for key in config}
+
+
 def gmm(
     lhs_MxK: jax.Array,
     rhs_GxKxN: jax.Array,
@@ -155,12 +205,12 @@ def gmm(
     transpose_rhs: bool = False,
     preferred_element_type=None,
     interpret: bool = False,
-    block_m: int = 128,
-    block_n: int = 256,
-    block_k: int = 64,
-    group_m: int = 8,
-    num_warps: int = 8,
-    num_stages: int = 3,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    group_m: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> jax.Array:
     """Grouped matmul ``out[m] = lhs[m] @ rhs[group(m)]`` as a Triton Pallas kernel.
 
@@ -174,6 +224,7 @@ def gmm(
       block_m, block_n, block_k: tile sizes.
       group_m: visits per swizzle super-block (L2 reuse).
       num_warps, num_stages: Triton compiler parameters.
+        Each of these six left None is taken from ``gmm_config``.
 
     Returns:
       ``[M, N]``.
@@ -181,7 +232,45 @@ def gmm(
     m, k = lhs_MxK.shape
     num_groups = rhs_GxKxN.shape[0]
     n = rhs_GxKxN.shape[1] if transpose_rhs else rhs_GxKxN.shape[2]
-    out_dtype = preferred_element_type or lhs_MxK.dtype
+    given = dict(
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        group_m=group_m,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    cfg = _fill(gmm_config(m, k, n, num_groups, transpose_rhs), given)
+    return _gmm_call(
+        lhs_MxK,
+        rhs_GxKxN,
+        group_sizes_G,
+        transpose_rhs=transpose_rhs,
+        out_dtype=preferred_element_type or lhs_MxK.dtype,
+        interpret=interpret,
+        **cfg,
+    )
+
+
+def _gmm_call(
+    lhs_MxK,
+    rhs_GxKxN,
+    group_sizes_G,
+    *,
+    transpose_rhs,
+    out_dtype,
+    interpret,
+    block_m,
+    block_n,
+    block_k,
+    group_m,
+    num_warps,
+    num_stages,
+):
+    """``gmm`` with every parameter given."""
+    m, k = lhs_MxK.shape
+    num_groups = rhs_GxKxN.shape[0]
+    n = rhs_GxKxN.shape[1] if transpose_rhs else rhs_GxKxN.shape[2]
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
     group_V, start_V, end_V = _visit_table(group_sizes_G, m, block_m)
@@ -252,11 +341,11 @@ def tgmm(
     num_groups: int | None = None,
     preferred_element_type=None,
     interpret: bool = False,
-    block_m: int = 64,
-    block_k: int = 128,
-    block_n: int = 128,
-    num_warps: int = 8,
-    num_stages: int = 3,
+    block_m: int | None = None,
+    block_k: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> jax.Array:
     """Transposed grouped matmul ``out[g] = lhs[rows of g]^T @ dout[rows of g]``.
 
@@ -269,6 +358,7 @@ def tgmm(
       interpret: run in the Pallas interpreter.
       block_m, block_k, block_n: tile sizes (``block_m`` rows per inner step).
       num_warps, num_stages: Triton compiler parameters.
+        Each of these five left None is taken from ``tgmm_config``.
 
     Returns:
       ``[G, K, N]``.
@@ -277,6 +367,15 @@ def tgmm(
     n = dout_MxN.shape[1]
     num_groups = num_groups or group_sizes_G.shape[0]
     out_dtype = preferred_element_type or lhs_MxK.dtype
+    given = dict(
+        block_m=block_m,
+        block_k=block_k,
+        block_n=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    cfg = _fill(tgmm_config(m, k, n, num_groups), given)
+    block_m, block_k, block_n = cfg["block_m"], cfg["block_k"], cfg["block_n"]
     sizes_G = jnp.maximum(group_sizes_G[:num_groups].astype(jnp.int32), 0)
     ends_G = jnp.minimum(jnp.cumsum(sizes_G), m)
     starts_G = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_G[:-1]])
@@ -285,7 +384,9 @@ def tgmm(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         grid=(_cdiv(n, block_n), _cdiv(k, block_k), num_groups),
-        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pltr.CompilerParams(
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
+        ),
         interpret=interpret,
         name="jmoe_tgmm_triton",
     )(starts_G, ends_G, lhs_MxK, dout_MxN)
