@@ -10,8 +10,7 @@ here every round times every candidate once (5 calls after a warm-up, wall clock
 shuffled order, and the table reports the median, min and max over the rounds. Problems and
 checks are those of ``gmm_gpu_sweep.py``. Candidates: a previous gpu.py with its own defaults
 (``--before FILE``), the current defaults, the previous default config, extra configs
-(``GMM_CFGS``, ``TGMM_CFGS``), the persistent kernel of ``gpu_persistent``, and the dense dot
-of the same FLOPs.
+(``GMM_CFGS``, ``TGMM_CFGS``), and the dense dot of the same FLOPs.
 """
 
 import argparse
@@ -29,7 +28,7 @@ import jax  # noqa: E402
 
 from benchmarks.common import machine_line, timeit  # noqa: E402
 from benchmarks.gmm_gpu_sweep import OLD_GMM, OLD_TGMM, compile_all, make_problems  # noqa: E402
-from pallas_kernels.gmm import gpu, gpu_persistent  # noqa: E402
+from pallas_kernels.gmm import gpu  # noqa: E402
 
 # Extra configs to compare with the defaults (edit to taste).
 GMM_CFGS: list[tuple] = []
@@ -37,7 +36,7 @@ TGMM_CFGS: list[tuple] = [OLD_TGMM]
 BEFORE = None  # the module given by --before (a previous gpu.py), if any
 
 
-def _gmm_fn(p, cfg, persistent=False):
+def _gmm_fn(p, cfg):
     bm, bn, bk, gm, nw, ns = cfg
     kw = dict(
         transpose_rhs=p.kind == "dx",
@@ -50,8 +49,7 @@ def _gmm_fn(p, cfg, persistent=False):
         num_warps=nw,
         num_stages=ns,
     )
-    impl = gpu_persistent.gmm_persistent if persistent else gpu._gmm_call
-    return jax.jit(functools.partial(impl, **kw)), p.args()
+    return jax.jit(functools.partial(gpu._gmm_call, **kw)), p.args()
 
 
 def _tgmm_fn(p, cfg):
@@ -83,8 +81,6 @@ def candidates(p):
     for cfg in dict.fromkeys([default, OLD_GMM, *GMM_CFGS]):
         label = f"{cfg} (default)" if cfg == default else str(cfg)
         out.append((label, *_gmm_fn(p, cfg)))
-    for cfg in dict.fromkeys([default, OLD_GMM]):
-        out.append((f"{cfg} persistent", *_gmm_fn(p, cfg, persistent=True)))
     out.append(("dense", jax.jit(p.dense_fn), (p.x, p.w)))
     return out
 
