@@ -36,27 +36,6 @@ TGMM_CFGS: list[tuple] = [OLD_TGMM]
 BEFORE = None  # the module given by --before (a previous gpu.py), if any
 
 
-def _gmm_fn(p, cfg):
-    bm, bn, bk, gm, nw, ns = cfg
-    kw = dict(
-        transpose_rhs=p.kind == "dx",
-        out_dtype=p.x.dtype,
-        interpret=False,
-        block_m=bm,
-        block_n=bn,
-        block_k=bk,
-        group_m=gm,
-        num_warps=nw,
-        num_stages=ns,
-    )
-    return jax.jit(functools.partial(gpu._gmm_call, **kw)), p.args()
-
-
-def _tgmm_fn(p, cfg):
-    f = functools.partial(gpu.tgmm, **dict(zip(gpu.TGMM_KEYS, cfg, strict=True)))
-    return jax.jit(f), p.args()
-
-
 def candidates(p):
     """[(label, jitted fn, args)] for one problem; the first is the baseline of "vs first"."""
     out = []
@@ -73,14 +52,14 @@ def candidates(p):
         default = tuple(gpu.tgmm_config(m, k, n, g)[key] for key in gpu.TGMM_KEYS)
         for cfg in dict.fromkeys([default, *TGMM_CFGS]):
             label = f"{cfg} (default)" if cfg == default else str(cfg)
-            out.append((label, *_tgmm_fn(p, cfg)))
+            out.append((label, p.fn(cfg), p.args()))
         return out
     n = p.w.shape[1] if p.kind == "dx" else p.w.shape[2]
     config = gpu.gmm_config(m, k, n, g, p.kind == "dx")
     default = tuple(config[key] for key in gpu.GMM_KEYS)
     for cfg in dict.fromkeys([default, OLD_GMM, *GMM_CFGS]):
         label = f"{cfg} (default)" if cfg == default else str(cfg)
-        out.append((label, *_gmm_fn(p, cfg)))
+        out.append((label, p.fn(cfg), p.args()))
     out.append(("dense", jax.jit(p.dense_fn), (p.x, p.w)))
     return out
 
