@@ -1,0 +1,123 @@
+"""Breakdowns behind the MoE layer table: where the non-GEMM time goes, and gate|up fusion.
+
+Usage: python benchmarks/layer_parts.py   (GPU: the OLMoE-1B-7B layer in bf16; CPU: the
+three fp32 "mini" shapes of benchmarks/moe_layer.py)
+
+1. The identity-expert layer (the `dispatch+combine share` column) against its parts, each
+   fwd+bwd: router matmul + route + balance loss; dispatch + combine with fixed routing;
+   sort_by_expert alone.
+2. SwiGLU gate and up projections as two grouped GEMMs against one grouped GEMM over
+   weights concatenated to [E, D, 2F] (stored that way), fwd+bwd, random routing.
+Medians of 9 calls after a warm-up, interleaved where two variants are compared.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import moe_layer as B  # noqa: E402
+from benchmarks.common import machine_line, set_malloc  # noqa: E402
+from jmoe import dispatch as D  # noqa: E402
+from jmoe import losses, ops, route  # noqa: E402
+from jmoe.routing import RouterConfig  # noqa: E402
+
+
+def ms(fn, *args, repeats=9):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def identity_layer_parts(shape, dtype):
+    t, d, f, e, k = shape
+    cfg = RouterConfig(num_experts=e, top_k=k, normalize_weights=True)
+    x, params, offset = B.make_inputs(shape, "balanced", dtype=dtype)
+    rp = {"router": params["router"]}
+    grad = lambda fn: jax.jit(jax.grad(fn, argnums=(0, 1)))
+
+    def whole(x, p, o):
+        y, aux = B.moe_dropless(x, p, o, cfg=cfg, identity_experts=True)
+        return jnp.sum(jnp.square(y)) + aux
+
+    def routing_only(x, p, o):
+        r = route(x @ p["router"] + o, cfg)
+        return jnp.sum(r.weights) + losses.load_balance_loss(r)
+
+    r0 = route(x @ params["router"] + offset, cfg)
+
+    def dispatch_combine(x, w, ids):
+        r = r0.replace(weights=w, expert_ids=ids)
+        xs, plan = D.dropless_dispatch(x, r, e)
+        return jnp.sum(jnp.square(D.dropless_combine(xs, plan, r, e)))
+
+    sort = jax.jit(lambda ids, act: ops.sort_by_expert(ids, act, e))
+    return {
+        "identity-expert layer": ms(grad(whole), x, rp, offset),
+        "router matmul + route + balance loss": ms(grad(routing_only), x, rp, offset),
+        "dispatch + combine (given routing)": ms(
+            grad(dispatch_combine), x, r0.weights, r0.expert_ids
+        ),
+        "sort_by_expert": ms(sort, r0.expert_ids, r0.active(e)),
+    }
+
+
+def gate_up(shape, dtype):
+    t, d, f, e, k = shape
+    cfg = RouterConfig(num_experts=e, top_k=k)
+    x, params, offset = B.make_inputs(shape, "random", dtype=dtype)
+    r = route(x @ params["router"] + offset, cfg)
+    xs, plan = D.dropless_dispatch(x, r, e)
+    gs = plan.group_sizes_E
+    w_cat = jnp.concatenate([params["w_gate"], params["w_in"]], axis=-1)
+
+    def two(xs, wg, wi):
+        h = jax.nn.silu(ops.grouped_matmul(xs, wg, gs)) * ops.grouped_matmul(xs, wi, gs)
+        return jnp.sum(jnp.square(h.astype(jnp.float32)))
+
+    def one(xs, w):
+        h = ops.grouped_matmul(xs, w, gs)
+        h = jax.nn.silu(h[:, :f]) * h[:, f:]
+        return jnp.sum(jnp.square(h.astype(jnp.float32)))
+
+    fns = {
+        "two": (jax.jit(jax.grad(two, (0, 1, 2))), (xs, params["w_gate"], params["w_in"])),
+        "one": (jax.jit(jax.grad(one, (0, 1))), (xs, w_cat)),
+    }
+    times = {key: [] for key in fns}
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))
+    for _ in range(9):
+        for key, (fn, args) in fns.items():
+            times[key].append(ms(fn, *args, repeats=1))
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def main():
+    note = set_malloc("keep")
+    gpu = jax.default_backend() == "gpu"
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    shapes = {"OLMoE-1B-7B": B.GPU_SHAPES["OLMoE-1B-7B"]} if gpu else B.SHAPES
+    print(machine_line(), note, "fwd+bwd ms, medians.")
+    for name, shape in shapes.items():
+        parts = identity_layer_parts(shape, dtype)
+        print(f"{name} {shape}: " + "; ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+        gu = gate_up(shape, dtype)
+        print(
+            f"{name} gate+up: two grouped GEMMs {gu['two']:.2f}, one over [E, D, 2F] "
+            f"{gu['one']:.2f} (x{gu['two'] / gu['one']:.2f})",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
