@@ -6,11 +6,13 @@ three fp32 "mini" shapes of benchmarks/moe_layer.py)
 1. The identity-expert layer (the `dispatch+combine share` column) against its parts, each
    fwd+bwd: router matmul + route + balance loss; dispatch + combine with fixed routing;
    sort_by_expert alone.
-2. SwiGLU gate and up projections as two grouped GEMMs against one grouped GEMM over
-   weights concatenated to [E, D, 2F] (stored that way), fwd+bwd, random routing.
+2. The whole dropless layer (fwd+bwd, random routing) with SwiGLU gate and up as two
+   grouped GEMMs over separately stored weights (the layout before the fused one) against
+   the layer's one grouped GEMM over `w_gate_in` [E, D, F, 2] seen as [E, D, 2F].
 Medians of 9 calls after a warm-up, interleaved where two variants are compared.
 """
 
+import functools
 import os
 import statistics
 import sys
@@ -24,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import moe_layer as B  # noqa: E402
 from benchmarks.common import machine_line, set_malloc  # noqa: E402
 from jmoe import dispatch as D  # noqa: E402
-from jmoe import losses, ops, route  # noqa: E402
+from jmoe import experts, losses, ops, route  # noqa: E402
 from jmoe.routing import RouterConfig  # noqa: E402
 
 
@@ -71,27 +73,34 @@ def identity_layer_parts(shape, dtype):
     }
 
 
-def gate_up(shape, dtype):
-    t, d, f, e, k = shape
-    cfg = RouterConfig(num_experts=e, top_k=k)
-    x, params, offset = B.make_inputs(shape, "random", dtype=dtype)
+def _layer(x, params, offset, *, cfg, fused):
+    """The dropless layer with SwiGLU experts as one fused or two separate gate/up GEMMs."""
     r = route(x @ params["router"] + offset, cfg)
-    xs, plan = D.dropless_dispatch(x, r, e)
+    xs, plan = D.dropless_dispatch(x, r, cfg.num_experts)
     gs = plan.group_sizes_E
-    w_cat = jnp.concatenate([params["w_gate"], params["w_in"]], axis=-1)
+    if fused:
+        ex = {k: params[k] for k in ("w_gate_in", "w_out")}
+        ys = experts.grouped_ffn(ex, xs, gs, "swiglu")
+    else:
+        h = ops.grouped_matmul(xs, params["w_gate"], gs)
+        h = jax.nn.silu(h) * ops.grouped_matmul(xs, params["w_in"], gs)
+        ys = ops.grouped_matmul(h, params["w_out"], gs)
+    return D.dropless_combine(ys, plan, r, cfg.num_experts), losses.load_balance_loss(r)
 
-    def two(xs, wg, wi):
-        h = jax.nn.silu(ops.grouped_matmul(xs, wg, gs)) * ops.grouped_matmul(xs, wi, gs)
-        return jnp.sum(jnp.square(h.astype(jnp.float32)))
 
-    def one(xs, w):
-        h = ops.grouped_matmul(xs, w, gs)
-        h = jax.nn.silu(h[:, :f]) * h[:, f:]
-        return jnp.sum(jnp.square(h.astype(jnp.float32)))
-
+def gate_up(shape, dtype):
+    """Whole layer fwd+bwd: separate stored gate and up weights vs the fused `w_gate_in`."""
+    t, d, f, e, k = shape
+    cfg = RouterConfig(num_experts=e, top_k=k, normalize_weights=True)
+    x, params, offset = B.make_inputs(shape, "random", dtype=dtype)
+    w = params["w_gate_in"]
+    fused = {key: params[key] for key in ("router", "w_gate_in", "w_out")}
+    # Separate arrays (copies), as the layer stored them before the fused layout.
+    two = {"router": params["router"], "w_gate": w[..., 0] + 0, "w_in": w[..., 1] + 0}
+    two["w_out"] = params["w_out"]
     fns = {
-        "two": (jax.jit(jax.grad(two, (0, 1, 2))), (xs, params["w_gate"], params["w_in"])),
-        "one": (jax.jit(jax.grad(one, (0, 1))), (xs, w_cat)),
+        "two": (B.fwd_bwd(functools.partial(_layer, cfg=cfg, fused=False)), (x, two, offset)),
+        "one": (B.fwd_bwd(functools.partial(_layer, cfg=cfg, fused=True)), (x, fused, offset)),
     }
     times = {key: [] for key in fns}
     for fn, args in fns.values():
@@ -113,8 +122,8 @@ def main():
         print(f"{name} {shape}: " + "; ".join(f"{k} {v:.2f}" for k, v in parts.items()))
         gu = gate_up(shape, dtype)
         print(
-            f"{name} gate+up: two grouped GEMMs {gu['two']:.2f}, one over [E, D, 2F] "
-            f"{gu['one']:.2f} (x{gu['two'] / gu['one']:.2f})",
+            f"{name} whole layer: gate and up as two grouped GEMMs {gu['two']:.2f}, "
+            f"fused w_gate_in {gu['one']:.2f} (x{gu['two'] / gu['one']:.2f})",
             flush=True,
         )
 

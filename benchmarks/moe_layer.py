@@ -70,8 +70,7 @@ def make_inputs(shape, routing, seed=0, dtype=jnp.float32):
     scale = lambda fan: 1.0 / math.sqrt(fan)
     params = {
         "router": jax.random.normal(keys[1], (d, e)) * 0.01,
-        "w_in": jax.random.normal(keys[2], (e, d, f)) * scale(d),
-        "w_gate": jax.random.normal(keys[3], (e, d, f)) * scale(d),
+        "w_gate_in": jax.random.normal(keys[2], (e, d, f, 2)) * scale(d),
         "w_out": jax.random.normal(keys[4], (e, f, d)) * scale(f),
     }
     cast = lambda a: a.astype(dtype)
@@ -88,7 +87,7 @@ def moe_dropless(x, params, offset, *, cfg, impl=None, identity_experts=False):
     if identity_experts:
         ys = xs
     else:
-        ex = {k: params[k] for k in ("w_in", "w_gate", "w_out")}
+        ex = {k: params[k] for k in ("w_gate_in", "w_out")}
         ys = experts.grouped_ffn(ex, xs, plan.group_sizes_E, "swiglu", implementation=impl)
     y = D.dropless_combine(ys, plan, routing, cfg.num_experts)
     return y, losses.load_balance_loss(routing)
@@ -107,7 +106,7 @@ def moe_onehot(x, params, offset, *, cfg, cap):
     dispatch_TxExC = disp_TxKxExC.sum(1)
     combine_TxExC = (disp_TxKxExC * routing.weights[:, :, None, None]).sum(1)
     buf = jnp.einsum("tec,td->ecd", dispatch_TxExC, x)
-    ex = {k: params[k] for k in ("w_in", "w_gate", "w_out")}
+    ex = {k: params[k] for k in ("w_gate_in", "w_out")}
     out = experts.batched_ffn(ex, buf, "swiglu")
     return jnp.einsum("tec,ecd->td", combine_TxExC, out), losses.load_balance_loss(routing)
 
@@ -118,10 +117,9 @@ def dense_params(params, k):
     Separate arrays: differentiating slices of the [E, D, F] expert weights would also make
     the dense peer write [E, D, F] gradients.
     """
-    _, d, f = params["w_in"].shape
+    _, d, f, _ = params["w_gate_in"].shape
     return {
-        "w_in": params["w_in"][:k].transpose(1, 0, 2).reshape(d, k * f),
-        "w_gate": params["w_gate"][:k].transpose(1, 0, 2).reshape(d, k * f),
+        "w_gate_in": params["w_gate_in"][:k].transpose(1, 0, 2, 3).reshape(d, k * f, 2),
         "w_out": params["w_out"][:k].reshape(k * f, d),
     }
 

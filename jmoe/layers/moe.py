@@ -28,6 +28,13 @@ _fan_in = nn.initializers.variance_scaling(
 _expert_init = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
 )
+# SwiGLU's [..., D, F, 2] (gate, up) weights: fan-in D.
+_pair_fan_in = nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-3, out_axis=(-2, -1)
+)
+_pair_expert_init = nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-3, out_axis=(-2, -1), batch_axis=(0,)
+)
 
 
 class MoE(nn.Module):
@@ -135,18 +142,23 @@ class MoE(nn.Module):
         )
 
     def _expert_params(self, d_model: int, num: int, width: int, names=("expert",), prefix=""):
-        shape_in, shape_out = (num, d_model, width), (num, width, d_model)
-        axes_in, axes_out = (*names, "embed", "mlp"), (*names, "mlp", "embed")
-        init = _expert_init
-        if not names:
-            shape_in, shape_out, init = shape_in[1:], shape_out[1:], _fan_in
-        mk = lambda n, s, a: self.param(
-            prefix + n, nn.with_logical_partitioning(init, a), s, self.param_dtype
+        """`w_gate_in` [num, D, F, 2] (SwiGLU) or `w_in` [num, D, F], and `w_out` [num, F, D]."""
+        lead = (num,) if names else ()
+        mk = lambda n, init, s, a: self.param(
+            prefix + n,
+            nn.with_logical_partitioning(init, (*names, *a)),
+            (*lead, *s),
+            self.param_dtype,
         ).astype(self.dtype)
-        p = {"w_in": mk("w_in", shape_in, axes_in), "w_out": mk("w_out", shape_out, axes_out)}
+        name_in, name_out = experts_lib.param_names(self.activation)
         if self.activation == "swiglu":
-            p["w_gate"] = mk("w_gate", shape_in, axes_in)
-        return p
+            init = _pair_expert_init if names else _pair_fan_in
+            w_in = mk(name_in, init, (d_model, width, 2), ("embed", "mlp", None))
+        else:
+            init = _expert_init if names else _fan_in
+            w_in = mk(name_in, init, (d_model, width), ("embed", "mlp"))
+        out_init = _expert_init if names else _fan_in
+        return {name_in: w_in, name_out: mk(name_out, out_init, (width, d_model), ("mlp", "embed"))}
 
     def _num_batch_shards(self) -> int:
         """Data-parallel shards of the tokens (micro-batches of the `micro_batch` loss)."""

@@ -217,6 +217,8 @@ def _param_specs(params, expert_axis, tensor_axis):
     for name in params:
         if name == "w_out":
             specs[name] = P(expert_axis, tensor_axis, None)
+        elif params[name].ndim == 4:  # w_gate_in [E, D, F, 2]
+            specs[name] = P(expert_axis, None, tensor_axis, None)
         else:
             specs[name] = P(expert_axis, None, tensor_axis)
     return specs
@@ -244,7 +246,8 @@ def expert_parallel_ffn(
     """Expert FFN with experts sharded over `expert_axis`; returns (y_TxD, dropped, aux).
 
     Args:
-      params: global expert weights `w_in`/`w_gate` [E, D, F], `w_out` [E, F, D].
+      params: global expert weights `w_gate_in` [E, D, F, 2] (or `w_in` [E, D, F]) and
+        `w_out` [E, F, D].
       x_TxD: global tokens; T must be divisible by the product of the batch axes
         (`data_axes` present in the mesh, then `expert_axis`).
       routing: the global routing result.
@@ -271,7 +274,7 @@ def expert_parallel_ffn(
         raise ValueError(
             f"num_experts={num_experts} must be divisible by the {expert_axis!r} axis size {p}"
         )
-    width = params["w_in"].shape[-1]
+    width = params["w_out"].shape[1]
     if tensor_axis is not None and width % axis_size(mesh, tensor_axis):
         raise ValueError(
             f"expert width {width} must be divisible by the {tensor_axis!r} axis "
@@ -288,7 +291,7 @@ def expert_parallel_ffn(
     e = num_experts
     active = routing.active(e)
     w = jnp.where(active, routing.weights, 0.0)
-    x = x_TxD.astype(params["w_in"].dtype)
+    x = x_TxD.astype(params["w_out"].dtype)
     bspec = P(baxes, None)
     pspecs = _param_specs(params, expert_axis, tensor_axis)
     itemsize = jnp.dtype(x.dtype).itemsize

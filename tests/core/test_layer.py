@@ -39,7 +39,7 @@ def _reference_apply(layer: MoE, params, x, token_ids):
     cfg = layer.router_config
     x_TxD = x.reshape(-1, x.shape[-1])
     routing = route(x_TxD @ params["router"], cfg, token_ids=token_ids.reshape(-1))
-    ex = {k: params[k] for k in ("w_in", "w_gate", "w_out") if k in params}
+    ex = {k: params[k] for k in ("w_gate_in", "w_in", "w_out") if k in params}
     y = experts.dense_reference(ex, x_TxD, _dense_weights(routing, cfg.num_experts), "swiglu")
     if cfg.kind == "moepp":  # copy expert id E+1, constant expert id E+2.
         w = jnp.where(routing.mask, routing.weights, 0.0)
@@ -144,8 +144,8 @@ def test_fine_grained_and_shared_experts_shapes_and_active_params():
     layer = MoE(num_experts=4, top_k=1, d_ff=32, fine_grained=4, num_shared_experts=2)
     x = _x(6)
     params, _ = _init(layer, x, None)
-    assert params["w_in"].shape == (16, DM, 8)
-    assert params["shared_w_in"].shape == (DM, 16)  # 2 shared experts of width 32 / 4
+    assert params["w_gate_in"].shape == (16, DM, 8, 2)
+    assert params["shared_w_gate_in"].shape == (DM, 16, 2)  # 2 shared experts of width 32 / 4
     y, aux = layer.apply({"params": params}, x)
     assert y.shape == x.shape
     assert float(aux["experts_per_token_mean"]) == 4.0

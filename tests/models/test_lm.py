@@ -69,7 +69,7 @@ def test_shapes_aux_and_layer_pattern(base):
     assert float(stats["expert_counts"].sum()) == 2 * 12 * 2
     np.testing.assert_allclose(aux["load_balance_loss"], stats["load_balance_loss"])
     p = params["stack"]
-    assert p["layer_1"]["ffn"]["w_in"].shape == (4, 32, 32)
+    assert p["layer_1"]["ffn"]["w_gate_in"].shape == (4, 32, 32, 2)
     assert p["layer_0"]["ffn"]["w_in"].shape == (32, 64)  # dense FFN.
     assert p["layer_0"]["attn"]["wk"].shape == (32, 2, 8)  # GQA: 2 kv heads.
 
@@ -173,7 +173,7 @@ def test_chain_of_experts_shares_experts_and_composes():
     v = nn.unbox(jax.jit(chain.init)(RNGS, x))
     p = v["params"]
     assert set(p) == {"experts", "iter_0", "iter_1", "iter_2"}
-    assert set(p["iter_0"]) == {"router"} and "w_in" in p["experts"]
+    assert set(p["iter_0"]) == {"router"} and "w_gate_in" in p["experts"]
     assert not np.allclose(p["iter_0"]["router"], p["iter_1"]["router"])
     y, aux = jax.jit(chain.apply)(v, x)
     h, moe_apply = x, jax.jit(moe.apply)
@@ -191,7 +191,9 @@ def test_schedule_sets_per_layer_experts():
         {"schedule": "descending", "schedule_budget": 16, "schedule_scale_top_k": True},
     )
     v = _shapes(cfg)
-    shapes = [v["params"]["stack"][f"layer_{i}"]["ffn"]["w_in"].value.shape[0] for i in range(4)]
+    shapes = [
+        v["params"]["stack"][f"layer_{i}"]["ffn"]["w_gate_in"].value.shape[0] for i in range(4)
+    ]
     assert shapes == models.experts_per_layer("descending", 4, 16) == [6, 5, 3, 2]
 
 
@@ -199,7 +201,7 @@ def test_fine_grained_and_shared_experts():
     cfg = _cfg({}, {"fine_grained": 2, "num_shared_experts": 1})
     model, v = models.build(cfg), _shapes(cfg)
     ffn = v["params"]["stack"]["layer_1"]["ffn"]
-    assert ffn["w_in"].value.shape == (8, 32, 16)
+    assert ffn["w_gate_in"].value.shape == (8, 32, 16, 2)
     counts = models.count_params(model, cfg)
     expert = 3 * 8 * 32 * 16
     assert counts["expert"] == expert and counts["total"] - counts["active"] == expert // 2

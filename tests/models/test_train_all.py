@@ -49,7 +49,7 @@ def _expert_weights(p0, p1):
     return [
         (jax.tree_util.keystr(path), (a, b))
         for (path, a), b in zip(flat0, flat1, strict=True)
-        if jax.tree_util.keystr(path).endswith("['w_in']") and a.ndim == 3
+        if jax.tree_util.keystr(path).endswith("['w_gate_in']")
     ]
 
 
@@ -112,7 +112,7 @@ def test_classifier_trains_with_every_schedule(schedule):
     c.optim.update(lr=1e-2, warmup_steps=5)
     c.train.steps = 60
     losses, state = _train(c, c.train.steps)
-    e = [state.params["stack"][f"ffn_{i}"]["w_in"].shape[0] for i in range(4)]
+    e = [state.params["stack"][f"ffn_{i}"]["w_gate_in"].shape[0] for i in range(4)]
     assert e == models.experts_per_layer(schedule, 4, 16)
     first, last = losses[0], float(np.mean(losses[-5:]))
     print(f"{schedule}: experts {e} loss {first:.3f} -> {last:.3f}")

@@ -47,7 +47,7 @@ def test_rules_map_layer_axes():
     model = MoE(**layer_kwargs())
     boxed = abstract_variables(model, jax.random.key(0), inputs())
     specs = mesh_specs(boxed, mesh)["params"]
-    assert specs["w_in"] == P("expert", "fsdp", "tensor")
+    assert specs["w_gate_in"] == P("expert", "fsdp", "tensor", None)
     assert specs["w_out"] == P("expert", "tensor", "fsdp")
     assert specs["router"] == P("fsdp", None)
     # Rules pointing at axes a mesh lacks become replication.
@@ -61,9 +61,9 @@ def test_sharded_init_and_restore_targets():
     model = MoE(**layer_kwargs(router="sigmoid"))
     x = inputs()
     variables, shardings = sharded_init(model, mesh, jax.random.key(0), x)
-    w_in = variables["params"]["w_in"]
-    assert w_in.shape == (E, D, F)
-    assert {s.data.shape for s in w_in.addressable_shards} == {(E // 4, D, F)}
+    w_in = variables["params"]["w_gate_in"]
+    assert w_in.shape == (E, D, F, 2)
+    assert {s.data.shape for s in w_in.addressable_shards} == {(E // 4, D, F, 2)}
     # Unannotated state (the sigmoid bias) is replicated.
     assert variables["router_state"]["bias"].sharding.is_fully_replicated
     targets = restore_targets(abstract_variables(model, jax.random.key(0), x), shardings)
@@ -89,8 +89,8 @@ def test_checkpoint_restore_into_other_mesh(tmp_path):
         abstract = abstract_variables(model, jax.random.key(0), x)
         targets = restore_targets(abstract, mesh_shardings(abstract, dst))
         restored = ckpt.restore(tmp_path / "v", targets)
-    w = restored["params"]["w_in"]
+    w = restored["params"]["w_gate_in"]
     assert w.sharding.mesh.shape["expert"] == 8
-    assert {s.data.shape for s in w.addressable_shards} == {(E // 8, D, F)}
+    assert {s.data.shape for s in w.addressable_shards} == {(E // 8, D, F, 2)}
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -97,7 +97,7 @@ def _run(mesh, ep: bool, steps=3):
     )
     losses = []
     for _ in range(steps):
-        old = state["params"]["MoE_0"]["w_in"]
+        old = state["params"]["MoE_0"]["w_gate_in"]
         state, loss = step(state, batch)
         losses.append(float(loss))
     return state, losses, old
@@ -107,9 +107,9 @@ def test_sharded_train_step_matches_single_device():
     mesh = mesh_of(data=2, expert=2, tensor=2)
     state, losses, old = _run(mesh, ep=True)
     assert old.is_deleted()  # the state was donated
-    w_in = state["params"]["MoE_0"]["w_in"]
-    assert w_in.sharding.spec == P("expert", "fsdp", "tensor")
-    assert {s.data.shape for s in w_in.addressable_shards} == {(4, D, 16)}
+    w_in = state["params"]["MoE_0"]["w_gate_in"]
+    assert w_in.sharding.spec == P("expert", "fsdp", "tensor", None)
+    assert {s.data.shape for s in w_in.addressable_shards} == {(4, D, 16, 2)}
     assert losses[-1] < losses[0]
     single = mesh_of()  # one device, plain layer
     state1, losses1, _ = _run(single, ep=False)
