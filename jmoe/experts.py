@@ -16,9 +16,9 @@ def _ffn(matmul: Callable, params, x, activation: Activation):
     """FFN with a pluggable product: SwiGLU (Shazeer, 2020) or GELU.
 
     SwiGLU's gate and up projections are one product over ``w_gate_in`` ``[..., D, F, 2]``
-    (gate and up interleaved per column, so sharding F keeps each pair together): one grouped
-    GEMM of width 2F measured 1.04-1.39x faster than two of width F on CPU (fwd+bwd,
-    BENCHMARKS.md "moe layer").
+    (gate and up interleaved per column, so sharding F keeps each pair together): on CPU one
+    grouped GEMM of width 2F measured 1.04-1.39x faster than two of width F (fwd+bwd), the
+    whole MoE layer 1.03-1.19x (BENCHMARKS.md, "moe layer").
     """
     if activation == "swiglu":
         w = params["w_gate_in"]
