@@ -121,25 +121,11 @@ class Problem:
 
     def fn(self, cfg):
         if self.kind == "tgmm":
-            bm, bk, bn, nw, ns = cfg
-            f = functools.partial(
-                gpu.tgmm, block_m=bm, block_k=bk, block_n=bn, num_warps=nw, num_stages=ns
+            return jax.jit(
+                functools.partial(gpu.tgmm, **dict(zip(gpu.TGMM_KEYS, cfg, strict=True)))
             )
-            return jax.jit(f)
-        bm, bn, bk, gm, nw, ns = cfg
-        f = functools.partial(
-            gpu._gmm_call,
-            transpose_rhs=self.kind == "dx",
-            out_dtype=self.x.dtype,
-            interpret=False,
-            block_m=bm,
-            block_n=bn,
-            block_k=bk,
-            group_m=gm,
-            num_warps=nw,
-            num_stages=ns,
-        )
-        return jax.jit(f)
+        blocks = dict(zip(gpu.GMM_KEYS, cfg, strict=True))
+        return jax.jit(functools.partial(gpu.gmm, transpose_rhs=self.kind == "dx", **blocks))
 
     def args(self):
         return (self.x, self.w_dy if self.kind == "tgmm" else self.w, self.gs)

@@ -16,7 +16,6 @@ import functools
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,20 +23,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import moe_layer as B  # noqa: E402
-from benchmarks.common import machine_line, set_malloc  # noqa: E402
+from benchmarks.common import machine_line, set_malloc, timeit  # noqa: E402
 from jmoe import dispatch as D  # noqa: E402
-from jmoe import experts, losses, ops, route  # noqa: E402
+from jmoe import losses, ops, route  # noqa: E402
 from jmoe.routing import RouterConfig  # noqa: E402
 
 
 def ms(fn, *args, repeats=9):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    return timeit(fn, *args, repeats=repeats) * 1e3
 
 
 def identity_layer_parts(shape, dtype):
@@ -73,18 +66,14 @@ def identity_layer_parts(shape, dtype):
     }
 
 
-def _layer(x, params, offset, *, cfg, fused):
-    """The dropless layer with SwiGLU experts as one fused or two separate gate/up GEMMs."""
+def _two_gemm_layer(x, params, offset, *, cfg):
+    """`moe_layer.moe_dropless` with gate and up as two grouped GEMMs (separate weights)."""
     r = route(x @ params["router"] + offset, cfg)
     xs, plan = D.dropless_dispatch(x, r, cfg.num_experts)
     gs = plan.group_sizes_E
-    if fused:
-        ex = {k: params[k] for k in ("w_gate_in", "w_out")}
-        ys = experts.grouped_ffn(ex, xs, gs, "swiglu")
-    else:
-        h = ops.grouped_matmul(xs, params["w_gate"], gs)
-        h = jax.nn.silu(h) * ops.grouped_matmul(xs, params["w_in"], gs)
-        ys = ops.grouped_matmul(h, params["w_out"], gs)
+    h = ops.grouped_matmul(xs, params["w_gate"], gs)
+    h = jax.nn.silu(h) * ops.grouped_matmul(xs, params["w_in"], gs)
+    ys = ops.grouped_matmul(h, params["w_out"], gs)
     return D.dropless_combine(ys, plan, r, cfg.num_experts), losses.load_balance_loss(r)
 
 
@@ -99,8 +88,8 @@ def gate_up(shape, dtype):
     two = {"router": params["router"], "w_gate": w[..., 0] + 0, "w_in": w[..., 1] + 0}
     two["w_out"] = params["w_out"]
     fns = {
-        "two": (B.fwd_bwd(functools.partial(_layer, cfg=cfg, fused=False)), (x, two, offset)),
-        "one": (B.fwd_bwd(functools.partial(_layer, cfg=cfg, fused=True)), (x, fused, offset)),
+        "two": (B.fwd_bwd(functools.partial(_two_gemm_layer, cfg=cfg)), (x, two, offset)),
+        "one": (B.fwd_bwd(functools.partial(B.moe_dropless, cfg=cfg)), (x, fused, offset)),
     }
     times = {key: [] for key in fns}
     for fn, args in fns.values():

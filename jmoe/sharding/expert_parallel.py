@@ -213,14 +213,13 @@ def _capacity_local(params, x, ids, keep, w, *, e, p, b, axis, tensor_axis, acti
 
 
 def _param_specs(params, expert_axis, tensor_axis):
+    """w_out [E, F, D]: F over the tensor axis; input weights [E, D, F, ...] likewise."""
     specs = {}
-    for name in params:
+    for name, w in params.items():
         if name == "w_out":
             specs[name] = P(expert_axis, tensor_axis, None)
-        elif params[name].ndim == 4:  # w_gate_in [E, D, F, 2]
-            specs[name] = P(expert_axis, None, tensor_axis, None)
         else:
-            specs[name] = P(expert_axis, None, tensor_axis)
+            specs[name] = P(expert_axis, None, tensor_axis, *(None,) * (w.ndim - 3))
     return specs
 
 

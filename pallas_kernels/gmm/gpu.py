@@ -241,36 +241,8 @@ def gmm(
         num_stages=num_stages,
     )
     cfg = _fill(gmm_config(m, k, n, num_groups, transpose_rhs), given)
-    return _gmm_call(
-        lhs_MxK,
-        rhs_GxKxN,
-        group_sizes_G,
-        transpose_rhs=transpose_rhs,
-        out_dtype=preferred_element_type or lhs_MxK.dtype,
-        interpret=interpret,
-        **cfg,
-    )
-
-
-def _gmm_call(
-    lhs_MxK,
-    rhs_GxKxN,
-    group_sizes_G,
-    *,
-    transpose_rhs,
-    out_dtype,
-    interpret,
-    block_m,
-    block_n,
-    block_k,
-    group_m,
-    num_warps,
-    num_stages,
-):
-    """``gmm`` with every parameter given."""
-    m, k = lhs_MxK.shape
-    num_groups = rhs_GxKxN.shape[0]
-    n = rhs_GxKxN.shape[1] if transpose_rhs else rhs_GxKxN.shape[2]
+    block_m, block_n = cfg["block_m"], cfg["block_n"]
+    out_dtype = preferred_element_type or lhs_MxK.dtype
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
     group_V, start_V, end_V = _visit_table(group_sizes_G, m, block_m)
@@ -278,20 +250,22 @@ def _gmm_call(
         _gmm_kernel,
         bm=block_m,
         bn=block_n,
-        bk=block_k,
+        bk=cfg["block_k"],
         m=m,
         k=k,
         n=n,
         num_groups=num_groups,
         num_visits=group_V.shape[0],
-        group_m=group_m,
+        group_m=cfg["group_m"],
         transpose_rhs=transpose_rhs,
     )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(group_V.shape[0] * _cdiv(n, block_n),),
-        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pltr.CompilerParams(
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
+        ),
         interpret=interpret,
         name="jmoe_gmm_triton",
     )(group_V, start_V, end_V, lhs_MxK, rhs_GxKxN)

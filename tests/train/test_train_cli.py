@@ -11,6 +11,17 @@ import pytest
 from tests.train.train_helpers import REPO, env, run_train
 
 
+def _run_module(module, *args):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def _final(workdir):
     with open(os.path.join(workdir, "final_metrics.json")) as f:
         return json.load(f)
@@ -59,32 +70,12 @@ def test_lm_tiny_beats_unigram_by_25_percent_in_2_minutes(tmp_path):
         assert key in train_rows[-1], key
     assert any(r["split"] == "heldout" for r in rows)
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(f"{workdir}/tb"))
-    out = subprocess.run(
-        [sys.executable, "-m", "jmoe.plot", workdir],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _run_module("jmoe.plot", workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("loss.png", "expert_load.png", "experts_per_token.png"):
         assert os.path.getsize(os.path.join(workdir, "plots", name)) > 1000
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jmoe.sample",
-            f"--workdir={workdir}",
-            "--prompt=def ",
-            "--num_tokens=40",
-            "--temperature=0",
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = _run_module(
+        "jmoe.sample", f"--workdir={workdir}", "--prompt=def ", "--num_tokens=40", "--temperature=0"
     )
     assert out.returncode == 0, out.stderr[-2000:]
     print(out.stdout)
