@@ -1,0 +1,334 @@
+// Grouped matmul for XLA:CPU through the XLA FFI: f32, threaded over XLA's intra-op pool.
+//
+// Why this exists: XLA:CPU runs each small dot (one group of 32-64 rows) as a separate
+// YNNPACK call that packs the group's weights and mostly uses one core, so an XLA loop over
+// groups reaches 0.3-0.5x a dense GEMM at G=64-256 (BENCHMARKS.md, "gmm"). Here every
+// (group, row block, column strip block) is one work item, items are claimed from an atomic
+// counter by the calling thread and by helpers scheduled on XLA's pool, and the inner
+// product is a register-blocked micro-kernel that reads the weights in place (no packing)
+// whenever they are row-major.
+//
+// Products (row-major, the rows of group g are [start_g, end_g)):
+//   gmm  NN: out[r, :] = lhs[r, :] @ rhs[g]         rhs [G, K, N]
+//   gmm  NT: out[r, :] = lhs[r, :] @ rhs[g]^T       rhs [G, N, K] (packed per column strip)
+//   tgmm TN: out[g]    = lhs[rows g]^T @ dout[rows g]
+// Rows past sum(group_sizes) come out zero; empty groups give zero tgmm blocks.
+//
+// Built on first use by pallas_kernels/gmm/cpu.py (g++ -O3 -march=native).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+constexpr int kVL = 16;  // floats per vector register
+constexpr int kNV = 4;   // vectors per micro-tile row: a 6 x 64 tile in 24 zmm accumulators
+#elif defined(__AVX__)
+constexpr int kVL = 8;
+constexpr int kNV = 2;   // 6 x 16 in 12 ymm accumulators (16 registers in all)
+#else
+constexpr int kVL = 4;
+constexpr int kNV = 2;
+#endif
+constexpr int kMR = 6;                  // rows per micro-tile
+constexpr int kNR = kVL * kNV;          // columns per micro-tile (one "strip")
+constexpr int64_t kRowBlock = 120;      // rows of one gmm work item (a multiple of kMR)
+constexpr int64_t kStripsPerItem = 4;   // column strips of one gmm work item
+constexpr int64_t kTgmmPanels = 8;      // kMR-row output panels of one tgmm work item
+constexpr int64_t kReduceBlock = 512;   // tgmm reduction rows per pass over a C block
+
+typedef float vf __attribute__((vector_size(kVL * sizeof(float)), aligned(4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+
+// C[MROWS, kNR] = A[MROWS, k] @ B[k, kNR]. A(i, p) is a[i * lda + p] (A_T false) or
+// a[p * lda + i] (A_T true); B(p, :) is the kNR floats at b + p * ldb.
+template <int MROWS, bool A_T, bool ACC>
+inline void MicroKernel(int64_t k, const float* __restrict a, int64_t lda,
+                        const float* __restrict b, int64_t ldb, float* __restrict c,
+                        int64_t ldc) {
+  vf acc[MROWS][kNV];
+  for (int i = 0; i < MROWS; ++i)
+    for (int j = 0; j < kNV; ++j) acc[i][j] = vf{};
+  for (int64_t p = 0; p < k; ++p) {
+    vf bv[kNV];
+    for (int j = 0; j < kNV; ++j) bv[j] = load(b + p * ldb + j * kVL);
+    for (int i = 0; i < MROWS; ++i) {
+      const float ai = A_T ? a[p * lda + i] : a[i * lda + p];
+      for (int j = 0; j < kNV; ++j) acc[i][j] += ai * bv[j];
+    }
+  }
+  for (int i = 0; i < MROWS; ++i)
+    for (int j = 0; j < kNV; ++j) {
+      float* cij = c + i * ldc + j * kVL;
+      store(cij, ACC ? load(cij) + acc[i][j] : acc[i][j]);
+    }
+}
+
+template <bool A_T, bool ACC>
+void MicroKernelRows(int rows, int64_t k, const float* a, int64_t lda, const float* b,
+                     int64_t ldb, float* c, int64_t ldc) {
+  switch (rows) {
+#define JMOE_ROWS_CASE(R) \
+  case R:                 \
+    return MicroKernel<R, A_T, ACC>(k, a, lda, b, ldb, c, ldc);
+    JMOE_ROWS_CASE(1)
+    JMOE_ROWS_CASE(2)
+    JMOE_ROWS_CASE(3)
+    JMOE_ROWS_CASE(4)
+    JMOE_ROWS_CASE(5)
+    JMOE_ROWS_CASE(6)
+#undef JMOE_ROWS_CASE
+    default:
+      return;
+  }
+}
+static_assert(kMR == 6, "MicroKernelRows instantiates 1..6 rows");
+
+#if defined(__AVX512F__)
+// r[0..15] (16 rows of 16 floats) become their transpose in place: 64 shuffles.
+inline void Transpose16x16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + j], 128-bit lane l: element 4l + j of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // A 4 x 4 transpose of 128-bit lanes for each j.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[8 + j] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+#endif
+
+// pack[p * kNR + n] = B(p, n0 + n) for p < k, n < width (zero past width), where
+// B(p, n) = b[p * b_rs + n * b_cs].
+void PackStrip(int64_t k, const float* b, int64_t b_rs, int64_t b_cs, int64_t n0,
+               int64_t width, float* pack) {
+  int64_t n_done = 0, p_done = 0;
+#if defined(__AVX512F__)
+  if (b_rs == 1) {  // columns of B are contiguous rows in memory: 16 x 16 block transposes
+    n_done = width / 16 * 16;
+    p_done = k / 16 * 16;
+    __m512 r[16];
+    for (int64_t nb = 0; nb < n_done; nb += 16)
+      for (int64_t pb = 0; pb < p_done; pb += 16) {
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(b + (n0 + nb + i) * b_cs + pb);
+        Transpose16x16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(pack + (pb + i) * kNR + nb, r[i]);
+      }
+  }
+#endif
+  for (int64_t p = 0; p < k; ++p) {
+    float* row = pack + p * kNR;
+    for (int64_t n = (p < p_done ? n_done : 0); n < width; ++n)
+      row[n] = b[p * b_rs + (n0 + n) * b_cs];
+    for (int64_t n = width; n < kNR; ++n) row[n] = 0.0f;
+  }
+}
+
+// One column strip [n0, n0 + width) of C[rows, :] (+)= A[rows, k] @ B[k, :]. A(i, p) as in
+// MicroKernel; B(p, n) is b[p * b_rs + n * b_cs]. When B is row-major (b_cs == 1) and the
+// strip is full, B is read in place; otherwise the strip is packed into `pack` (zero-padded
+// to kNR columns) and a partial strip of C goes through a kNR-wide scratch tile.
+template <bool A_T, bool ACC>
+void Strip(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b, int64_t b_rs,
+           int64_t b_cs, int64_t n0, int64_t width, float* c, int64_t ldc,
+           std::vector<float>& pack) {
+  const float* bp = b + n0 * b_cs;
+  int64_t ldb = b_rs;
+  if (!(b_cs == 1 && width == kNR)) {
+    pack.resize(static_cast<size_t>(k) * kNR);
+    PackStrip(k, b, b_rs, b_cs, n0, width, pack.data());
+    bp = pack.data();
+    ldb = kNR;
+  }
+  float tile[kMR * kNR];
+  for (int64_t i0 = 0; i0 < rows; i0 += kMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - i0));
+    const float* ai = A_T ? a + i0 : a + i0 * lda;
+    float* ci = c + i0 * ldc + n0;
+    if (width == kNR) {
+      MicroKernelRows<A_T, ACC>(mr, k, ai, lda, bp, ldb, ci, ldc);
+      continue;
+    }
+    MicroKernelRows<A_T, false>(mr, k, ai, lda, bp, ldb, tile, kNR);
+    for (int i = 0; i < mr; ++i)
+      for (int64_t n = 0; n < width; ++n)
+        ci[i * ldc + n] = (ACC ? ci[i * ldc + n] : 0.0f) + tile[i * kNR + n];
+  }
+}
+
+// Runs body(item) for item in [0, num_items) on the calling thread and on helpers scheduled
+// on XLA's pool. Items are claimed from a shared counter, so the caller never waits for a
+// helper that has not started: it drains what is left itself, then waits only for items
+// already claimed. Helpers that start late find nothing to claim and touch nothing else.
+void ParallelFor(ffi::ThreadPool& pool, int64_t num_items,
+                 const std::function<void(int64_t)>& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t total = 0;
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+    const std::function<void(int64_t)>* body = nullptr;
+  };
+  auto state = std::make_shared<State>();
+  state->total = num_items;
+  state->body = &body;
+  auto work = [](State& s) {
+    int64_t finished = 0;
+    for (int64_t i; (i = s.next.fetch_add(1)) < s.total; ++finished) (*s.body)(i);
+    if (finished > 0) {
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.done += finished;
+      if (s.done == s.total) s.cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), num_items) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state, work] { work(*state); });
+  work(*state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == state->total; });
+}
+
+void GroupStarts(const int32_t* sizes, int64_t num_groups, int64_t num_rows,
+                 std::vector<int64_t>& starts) {
+  starts.assign(num_groups + 1, 0);
+  for (int64_t g = 0; g < num_groups; ++g)
+    starts[g + 1] = std::min<int64_t>(starts[g] + std::max<int32_t>(sizes[g], 0), num_rows);
+}
+
+ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs,
+                   ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out,
+                   bool transpose_rhs) {
+  const auto ld = lhs.dimensions();
+  const auto rd = rhs.dimensions();
+  if (ld.size() != 2 || rd.size() != 3)
+    return ffi::Error::InvalidArgument("jmoe gmm: lhs must be [M, K], rhs [G, K, N]");
+  const int64_t m = ld[0], k = ld[1], g_count = rd[0];
+  const int64_t n = transpose_rhs ? rd[1] : rd[2];
+  if ((transpose_rhs ? rd[2] : rd[1]) != k)
+    return ffi::Error::InvalidArgument("jmoe gmm: contraction dims differ");
+  std::vector<int64_t> starts;
+  GroupStarts(group_sizes.typed_data(), g_count, m, starts);
+  const float* x = lhs.typed_data();
+  const float* w = rhs.typed_data();
+  float* y = out->typed_data();
+  if (starts[g_count] < m)
+    std::memset(y + starts[g_count] * n, 0, (m - starts[g_count]) * n * sizeof(float));
+  // Items: (group, row block, strip block).
+  struct Item { int64_t g, r0, r1, s0, s1; };
+  const int64_t strips = (n + kNR - 1) / kNR;
+  std::vector<Item> items;
+  for (int64_t g = 0; g < g_count; ++g)
+    for (int64_t r0 = starts[g]; r0 < starts[g + 1]; r0 += kRowBlock)
+      for (int64_t s0 = 0; s0 < strips; s0 += kStripsPerItem)
+        items.push_back({g, r0, std::min(r0 + kRowBlock, starts[g + 1]), s0,
+                         std::min(s0 + kStripsPerItem, strips)});
+  const int64_t b_rs = transpose_rhs ? 1 : n, b_cs = transpose_rhs ? k : 1;
+  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx) {
+    thread_local std::vector<float> pack;
+    const Item& it = items[idx];
+    const float* wg = w + it.g * k * n;
+    for (int64_t s = it.s0; s < it.s1; ++s) {
+      const int64_t n0 = s * kNR, width = std::min<int64_t>(kNR, n - n0);
+      Strip<false, false>(it.r1 - it.r0, k, x + it.r0 * k, k, wg, b_rs, b_cs, n0, width,
+                   y + it.r0 * n, n, pack);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> dout,
+                    ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out) {
+  const auto ld = lhs.dimensions();
+  const auto dd = dout.dimensions();
+  const auto od = out->dimensions();
+  if (ld.size() != 2 || dd.size() != 2 || od.size() != 3 || dd[0] != ld[0])
+    return ffi::Error::InvalidArgument("jmoe tgmm: lhs [M, K], dout [M, N], out [G, K, N]");
+  const int64_t m = ld[0], k = ld[1], n = dd[1], g_count = od[0];
+  if (group_sizes.element_count() < static_cast<size_t>(g_count))
+    return ffi::Error::InvalidArgument("jmoe tgmm: fewer group sizes than output groups");
+  std::vector<int64_t> starts;
+  GroupStarts(group_sizes.typed_data(), g_count, m, starts);
+  const float* x = lhs.typed_data();
+  const float* dy = dout.typed_data();
+  float* dw = out->typed_data();
+  const int64_t panel_rows = kMR * kTgmmPanels;
+  const int64_t blocks = (k + panel_rows - 1) / panel_rows;
+  ParallelFor(pool, g_count * blocks, [&](int64_t idx) {
+    thread_local std::vector<float> pack;
+    const int64_t g = idx / blocks;
+    const int64_t k0 = (idx % blocks) * panel_rows, k1 = std::min(k0 + panel_rows, k);
+    const int64_t rows = starts[g + 1] - starts[g];
+    float* c = dw + g * k * n + k0 * n;
+    if (rows == 0) {
+      std::memset(c, 0, (k1 - k0) * n * sizeof(float));
+      return;
+    }
+    // out[g][k0:k1, :] = A @ B with A(i, p) = x[(start + p) * k + k0 + i] (transposed
+    // access) and B = dy[start:end, :] read in place.
+    // The reduction runs in passes of kReduceBlock rows so the lhs and dout rows of a pass
+    // stay in cache across the strips; later passes accumulate into C.
+    for (int64_t r0 = 0; r0 < rows; r0 += kReduceBlock) {
+      const int64_t len = std::min(kReduceBlock, rows - r0);
+      const float* a = x + (starts[g] + r0) * k + k0;
+      const float* b = dy + (starts[g] + r0) * n;
+      for (int64_t n0 = 0; n0 < n; n0 += kNR) {
+        const int64_t width = std::min<int64_t>(kNR, n - n0);
+        if (r0 == 0)
+          Strip<true, false>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
+        else
+          Strip<true, true>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JmoeGmmF32, GmmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_rhs"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JmoeTgmmF32, TgmmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
