@@ -8,15 +8,16 @@ from typing import Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gmm import reference, xla
+from pallas_kernels.gmm import cpu, reference, xla
 
-Implementation = Literal["reference", "xla", "ragged_dot", "triton", "mosaic_tpu"]
+Implementation = Literal["reference", "xla", "cpu_ffi", "ragged_dot", "triton", "mosaic_tpu"]
 IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
 # Backends each implementation runs on when compiled (interpret mode runs anywhere).
 _BACKENDS = {
     "reference": None,
     "xla": None,
+    "cpu_ffi": ("cpu",),
     "ragged_dot": None,
     "triton": ("gpu", "cuda", "rocm"),
     "mosaic_tpu": ("tpu",),
@@ -24,7 +25,22 @@ _BACKENDS = {
 # Pallas kernels, imported only when used: implementation -> module of `gmm` and `tgmm`.
 _KERNEL_MODULES = {"triton": "pallas_kernels.gmm.gpu", "mosaic_tpu": "pallas_kernels.gmm.tpu"}
 _INTERPRETABLE = tuple(_KERNEL_MODULES)
-_DEFAULTS = {"cpu": "xla", "gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
+# Backend -> implementations in order of preference; the first that is usable is the default.
+_DEFAULTS = {
+    "cpu": ("cpu_ffi", "xla"),
+    "gpu": ("triton",),
+    "cuda": ("triton",),
+    "rocm": ("triton",),
+    "tpu": ("mosaic_tpu",),
+}
+
+
+def _usable(name: str, backend: str, interpret: bool) -> bool:
+    allowed = _BACKENDS[name]
+    if not (allowed is None or backend in allowed or (interpret and name in _INTERPRETABLE)):
+        return False
+    # The native CPU kernel is built on first use and may be missing (no C++ compiler).
+    return name != "cpu_ffi" or cpu.available()
 
 
 def resolve_implementation(
@@ -45,16 +61,17 @@ def resolve_implementation(
     """
     backend = jax.default_backend()
     if implementation is None:
-        return _DEFAULTS.get(backend, "xla")
+        names = list(_DEFAULTS.get(backend, ("xla",)))
+        return next((n for n in names if _usable(n, backend, interpret)), "xla")
     names = [implementation] if isinstance(implementation, str) else list(implementation)
     for name in names:
         if name not in IMPLEMENTATIONS:
             raise ValueError(f"unknown gmm implementation {name!r}; allowed: {IMPLEMENTATIONS}")
     for name in names:
-        allowed = _BACKENDS[name]
-        if allowed is None or backend in allowed or (interpret and name in _INTERPRETABLE):
+        if _usable(name, backend, interpret):
             return name
-    raise ValueError(f"none of {names} runs on backend {backend!r} (interpret={interpret})")
+    why = f"; cpu_ffi: {cpu.why_unavailable()}" if "cpu_ffi" in names and backend == "cpu" else ""
+    raise ValueError(f"none of {names} runs on backend {backend!r} (interpret={interpret}){why}")
 
 
 def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs):
@@ -84,6 +101,10 @@ def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
         return xla.gmm(
             lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype
         )
+    if impl == "cpu_ffi":
+        return cpu.gmm(
+            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype
+        )
     if impl == "ragged_dot":
         if transpose_rhs:
             rhs = jnp.swapaxes(rhs, 1, 2)
@@ -105,6 +126,10 @@ def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
 def _tgmm_impl(lhs, dout, group_sizes, num_groups, out_dtype, impl, interpret):
     if impl == "reference":
         return reference.tgmm(
+            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype
+        )
+    if impl == "cpu_ffi":
+        return cpu.tgmm(
             lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype
         )
     if impl == "ragged_dot":

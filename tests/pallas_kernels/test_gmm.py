@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.gmm import IMPLEMENTATIONS, gmm, reference, resolve_implementation, tgmm
+from pallas_kernels.gmm import cpu as gmm_cpu
 from pallas_kernels.gmm import gpu as gmm_gpu
 from pallas_kernels.gmm import tpu as gmm_tpu
 from pallas_kernels.gmm import xla as gmm_xla
@@ -164,6 +165,55 @@ class TestXla(GmmTestBase):
         _close(gmm_xla.tgmm(x, c, gs, **tiles), reference.tgmm(x, c, gs), jnp.float32)
 
 
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not gmm_cpu.available(),
+    reason=f"native CPU kernel unavailable: {gmm_cpu.why_unavailable()}",
+)
+class TestCpuFfi(GmmTestBase):
+    IMPL = "cpu_ffi"
+    EXAMPLES = 12
+    GRAD_EXAMPLES = 8
+
+    @settings(max_examples=6, **_SETTINGS)
+    @given(
+        st.integers(1, 700),
+        st.sampled_from([16, 48, 64, 160]),
+        st.sampled_from([16, 64, 70, 200]),
+        st.integers(1, 9),
+        st.integers(0, 2**31 - 1),
+    )
+    def test_blocked_paths(self, m, k, n, g, seed):
+        """Sizes that reach every code path: 16 x 16 transposing packs (K and N multiples of
+        16), full and partial 64-column strips, several row blocks per group, tgmm reductions
+        longer than one pass, empty groups and rows past the groups."""
+        rng = np.random.default_rng(seed)
+        sizes = rng.multinomial(rng.integers(0, m + 1), rng.dirichlet(np.ones(g) * 0.5))
+        sizes[rng.integers(g)] = 0
+        x, w, c = _inputs(m, k, n, g, jnp.float32, seed % 1000)
+        gs = jnp.asarray(sizes.astype(np.int32))
+        want = reference.gmm(x, w, gs)
+        _close(jax.jit(self.call_gmm)(x, w, gs), want, jnp.float32)
+        nt = functools.partial(self.call_gmm, transpose_rhs=True)
+        _close(jax.jit(nt)(x, jnp.swapaxes(w, 1, 2), gs), want, jnp.float32)
+        _close(jax.jit(self.call_tgmm)(x, c, gs), reference.tgmm(x, c, gs), jnp.float32)
+
+    @pytest.mark.parametrize("sizes", [[600, 0, 37, 40], [0, 1100, 0, 3]])
+    def test_long_groups(self, sizes):
+        """Groups longer than one row block (gmm) and one reduction pass (tgmm)."""
+        m, k, n = 1200, 48, 80
+        x, w, c = _inputs(m, k, n, len(sizes), jnp.float32, 11)
+        gs = jnp.asarray(sizes, jnp.int32)
+        _close(jax.jit(self.call_gmm)(x, w, gs), reference.gmm(x, w, gs), jnp.float32)
+        _close(jax.jit(self.call_tgmm)(x, c, gs), reference.tgmm(x, c, gs), jnp.float32)
+
+    def test_vmap(self):
+        x, w, _ = _inputs(40, 16, 24, 3, jnp.float32, 9)
+        gs = jnp.asarray([[10, 0, 25], [40, 0, 0]], jnp.int32)
+        got = jax.vmap(self.call_gmm, in_axes=(None, None, 0))(x, w, gs)
+        for i in range(2):
+            _close(got[i], reference.gmm(x, w, gs[i]), jnp.float32)
+
+
 class TestRaggedDot(GmmTestBase):
     IMPL = "ragged_dot"
     EXAMPLES = 4
@@ -255,7 +305,8 @@ def test_resolution_order():
     backend = jax.default_backend()
     assert resolve_implementation(None) in IMPLEMENTATIONS
     if backend == "cpu":
-        assert resolve_implementation(None) == "xla"
+        want = "cpu_ffi" if gmm_cpu.available() else "xla"
+        assert resolve_implementation(None) == want
         assert resolve_implementation(["mosaic_tpu", "triton", "xla"]) == "xla"
         assert resolve_implementation(["mosaic_tpu", "xla"], interpret=True) == "mosaic_tpu"
         with pytest.raises(ValueError, match="runs on"):
