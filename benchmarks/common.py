@@ -1,5 +1,7 @@
 """Shared helpers of the benchmark scripts: timing, compiled memory, machine line, output."""
 
+import ctypes
+import ctypes.util
 import os
 import platform
 import re
@@ -75,3 +77,17 @@ def set_malloc(mode: str) -> str:
     if mode == "keep" and runtime.keep_freed_memory():
         return "Allocator: `jmoe.runtime.keep_freed_memory()` (glibc keeps freed buffers)."
     return "Allocator: glibc defaults (big buffers are mmapped and page-faulted at every call)."
+
+
+def release_freed_memory() -> None:
+    """Returns freed heap pages to the OS (glibc ``malloc_trim(0)``); no-op elsewhere.
+
+    With ``keep_freed_memory()`` glibc never trims, and multi-GiB temporaries (the dense
+    ``ragged_dot`` rewrite at G = 256 needs 8 GiB) fragment the heap until the process runs
+    out of memory; the benchmarks call this after such peers.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

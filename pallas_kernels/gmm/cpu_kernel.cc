@@ -55,9 +55,28 @@ typedef float vf __attribute__((vector_size(kVL * sizeof(float)), aligned(4)));
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
 
+// How a micro-tile is written: plain stores, added to C, or non-temporal stores (C must be
+// 64-byte aligned; skips the read-for-ownership of lines written once, e.g. tgmm's dW).
+enum StoreMode { kStore, kAccumulate, kStream };
+
+template <int MODE>
+inline void StoreTile(float* p, vf v) {
+#if defined(__AVX512F__)
+  if (MODE == kStream) return _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#endif
+  store(p, MODE == kAccumulate ? load(p) + v : v);
+}
+
+#ifndef JMOE_PF
+#define JMOE_PF 12
+#endif
+constexpr int64_t kPrefetchRows = JMOE_PF;  // B rows ahead that the first panel of a strip prefetches
+
 // C[MROWS, kNR] = A[MROWS, k] @ B[k, kNR]. A(i, p) is a[i * lda + p] (A_T false) or
-// a[p * lda + i] (A_T true); B(p, :) is the kNR floats at b + p * ldb.
-template <int MROWS, bool A_T, bool ACC>
+// a[p * lda + i] (A_T true); B(p, :) is the kNR floats at b + p * ldb. With PF, B rows are
+// prefetched kPrefetchRows ahead: the first panel of a strip streams B from memory, the
+// later ones find it in L2.
+template <int MROWS, bool A_T, int MODE, bool PF>
 inline void MicroKernel(int64_t k, const float* __restrict a, int64_t lda,
                         const float* __restrict b, int64_t ldb, float* __restrict c,
                         int64_t ldc) {
@@ -67,25 +86,24 @@ inline void MicroKernel(int64_t k, const float* __restrict a, int64_t lda,
   for (int64_t p = 0; p < k; ++p) {
     vf bv[kNV];
     for (int j = 0; j < kNV; ++j) bv[j] = load(b + p * ldb + j * kVL);
+    if (PF)
+      for (int j = 0; j < kNR; j += 16) __builtin_prefetch(b + (p + kPrefetchRows) * ldb + j, 0, 2);
     for (int i = 0; i < MROWS; ++i) {
       const float ai = A_T ? a[p * lda + i] : a[i * lda + p];
       for (int j = 0; j < kNV; ++j) acc[i][j] += ai * bv[j];
     }
   }
   for (int i = 0; i < MROWS; ++i)
-    for (int j = 0; j < kNV; ++j) {
-      float* cij = c + i * ldc + j * kVL;
-      store(cij, ACC ? load(cij) + acc[i][j] : acc[i][j]);
-    }
+    for (int j = 0; j < kNV; ++j) StoreTile<MODE>(c + i * ldc + j * kVL, acc[i][j]);
 }
 
-template <bool A_T, bool ACC>
+template <bool A_T, int MODE, bool PF = false>
 void MicroKernelRows(int rows, int64_t k, const float* a, int64_t lda, const float* b,
                      int64_t ldb, float* c, int64_t ldc) {
   switch (rows) {
 #define JMOE_ROWS_CASE(R) \
   case R:                 \
-    return MicroKernel<R, A_T, ACC>(k, a, lda, b, ldb, c, ldc);
+    return MicroKernel<R, A_T, MODE, PF>(k, a, lda, b, ldb, c, ldc);
     JMOE_ROWS_CASE(1)
     JMOE_ROWS_CASE(2)
     JMOE_ROWS_CASE(3)
@@ -158,7 +176,7 @@ void PackStrip(int64_t k, const float* b, int64_t b_rs, int64_t b_cs, int64_t n0
 // MicroKernel; B(p, n) is b[p * b_rs + n * b_cs]. When B is row-major (b_cs == 1) and the
 // strip is full, B is read in place; otherwise the strip is packed into `pack` (zero-padded
 // to kNR columns) and a partial strip of C goes through a kNR-wide scratch tile.
-template <bool A_T, bool ACC>
+template <bool A_T, int MODE>
 void Strip(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b, int64_t b_rs,
            int64_t b_cs, int64_t n0, int64_t width, float* c, int64_t ldc,
            std::vector<float>& pack) {
@@ -176,13 +194,16 @@ void Strip(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b,
     const float* ai = A_T ? a + i0 : a + i0 * lda;
     float* ci = c + i0 * ldc + n0;
     if (width == kNR) {
-      MicroKernelRows<A_T, ACC>(mr, k, ai, lda, bp, ldb, ci, ldc);
+      if (i0 == 0 && bp != pack.data())
+        MicroKernelRows<A_T, MODE, true>(mr, k, ai, lda, bp, ldb, ci, ldc);
+      else
+        MicroKernelRows<A_T, MODE>(mr, k, ai, lda, bp, ldb, ci, ldc);
       continue;
     }
-    MicroKernelRows<A_T, false>(mr, k, ai, lda, bp, ldb, tile, kNR);
+    MicroKernelRows<A_T, kStore>(mr, k, ai, lda, bp, ldb, tile, kNR);
     for (int i = 0; i < mr; ++i)
       for (int64_t n = 0; n < width; ++n)
-        ci[i * ldc + n] = (ACC ? ci[i * ldc + n] : 0.0f) + tile[i * kNR + n];
+        ci[i * ldc + n] = (MODE == kAccumulate ? ci[i * ldc + n] : 0.0f) + tile[i * kNR + n];
   }
 }
 
@@ -260,7 +281,7 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
     const float* wg = w + it.g * k * n;
     for (int64_t s = it.s0; s < it.s1; ++s) {
       const int64_t n0 = s * kNR, width = std::min<int64_t>(kNR, n - n0);
-      Strip<false, false>(it.r1 - it.r0, k, x + it.r0 * k, k, wg, b_rs, b_cs, n0, width,
+      Strip<false, kStore>(it.r1 - it.r0, k, x + it.r0 * k, k, wg, b_rs, b_cs, n0, width,
                    y + it.r0 * n, n, pack);
     }
   });
@@ -283,6 +304,8 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
   const float* dy = dout.typed_data();
   float* dw = out->typed_data();
   const int64_t panel_rows = kMR * kTgmmPanels;
+  // Non-temporal stores need every vector store aligned to 64 bytes.
+  const bool stream = kVL == 16 && reinterpret_cast<uintptr_t>(dw) % 64 == 0 && n % 16 == 0;
   const int64_t blocks = (k + panel_rows - 1) / panel_rows;
   ParallelFor(pool, g_count * blocks, [&](int64_t idx) {
     thread_local std::vector<float> pack;
@@ -304,12 +327,17 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
       const float* b = dy + (starts[g] + r0) * n;
       for (int64_t n0 = 0; n0 < n; n0 += kNR) {
         const int64_t width = std::min<int64_t>(kNR, n - n0);
-        if (r0 == 0)
-          Strip<true, false>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
+        if (r0 > 0)
+          Strip<true, kAccumulate>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
+        else if (stream && len == rows)
+          Strip<true, kStream>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
         else
-          Strip<true, true>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
+          Strip<true, kStore>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
       }
     }
+#if defined(__AVX512F__)
+    _mm_sfence();  // order the non-temporal stores before the item is reported done
+#endif
   });
   return ffi::Error::Success();
 }

@@ -1,4 +1,7 @@
-"""Fast XLA (CPU) grouped matmul that only does the active FLOPs.
+"""Portable XLA grouped matmul that only does the active FLOPs (any backend, any dtype).
+
+On CPU the default is the native FFI kernel (``cpu.py``); this loop is the fallback where that
+kernel cannot be built (no C++ compiler), and ``implementation="xla"`` selects it anywhere.
 
 Rows of ``lhs`` are sorted by group. Each group is cut into chunks that start at the group's
 first row: ``size // tb`` full chunks of ``tb`` rows, then the remainder in chunks of ``ts``
