@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     machine_line,
+    release_freed_memory,
     set_malloc,
     temp_bytes,
     timeit,
@@ -34,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
 from jmoe import dispatch as D  # noqa: E402
 from jmoe import experts, losses, route  # noqa: E402
 from jmoe.routing import RouterConfig  # noqa: E402
+from pallas_kernels.gmm import api as gmm_api  # noqa: E402
 
 SHAPES = {  # name: (T, D, F, E, K)
     "Mixtral-mini": (2048, 512, 1024, 8, 2),
@@ -146,6 +148,7 @@ def measure(shape, routing, repeats, dtype=jnp.float32):
         "jmoe": functools.partial(moe_dropless, cfg=cfg),
         "dispatch_only": functools.partial(moe_dropless, cfg=cfg, identity_experts=True),
         "ragged": functools.partial(moe_dropless, cfg=cfg, impl="ragged_dot"),
+        "loop": functools.partial(moe_dropless, cfg=cfg, impl="xla"),
         "onehot": functools.partial(moe_onehot, cfg=cfg, cap=cap),
     }
     if t * k * e * cap > ONEHOT_MAX_ELEMENTS:
@@ -153,10 +156,12 @@ def measure(shape, routing, repeats, dtype=jnp.float32):
     x, params, offset = args
     # Identity experts: only x and the router get gradients (no zero [E, D, F] gradients).
     routing_args = (x, {"router": params["router"]}, offset)
-    res = {
-        n: timeit(fwd_bwd(fn), *(routing_args if n == "dispatch_only" else args), repeats=repeats)
-        for n, fn in fns.items()
-    }
+    res = {}
+    for n, fn in fns.items():
+        res[n] = timeit(
+            fwd_bwd(fn), *(routing_args if n == "dispatch_only" else args), repeats=repeats
+        )
+        release_freed_memory()  # ragged_dot's multi-GiB temporaries fragment the heap
     res["dense"] = timeit(fwd_bwd(dense_ffn), x, dense_params(params, k), offset, repeats=repeats)
     res["jmoe_fwd"] = timeit(jax.jit(lambda *a: fns["jmoe"](*a)[0]), *args, repeats=repeats)
     res["temp_jmoe"] = temp_bytes(fwd_bwd(fns["jmoe"]), *args)
@@ -171,10 +176,10 @@ def table(quick, repeats, gpu=False):
     dtype = jnp.bfloat16 if gpu else jnp.float32
     routings = ("balanced", "skewed") if quick else ROUTINGS
     rows = [
-        "| shape (T,D,F,E,K) | routing | jmoe ms | GFLOP/s (active) | vs dense "
-        "| vs ragged_dot | vs one-hot | fwd+bwd / fwd | dispatch+combine share "
-        "| jmoe temp MiB | one-hot temp MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| shape (T,D,F,E,K) | routing | jmoe ({gmm_api.resolve_implementation(None)}) ms "
+        "| GFLOP/s (active) | vs dense | vs XLA loop | vs ragged_dot | vs one-hot "
+        "| fwd+bwd / fwd | dispatch+combine share | jmoe temp MiB | one-hot temp MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, shape in shapes.items():
         for routing in routings:
@@ -184,6 +189,7 @@ def table(quick, repeats, gpu=False):
             rows.append(
                 f"| {name} {shape} | {routing} | {r['jmoe'] * 1e3:.1f} | "
                 f"{r['flops'] / r['jmoe'] / 1e9:.1f} | {r['dense'] / r['jmoe']:.2f} | "
+                f"{r['loop'] / r['jmoe']:.2f} | "
                 f"{r['ragged'] / r['jmoe']:.2f} | {onehot:.2f} | "
                 f"{r['jmoe'] / r['jmoe_fwd']:.2f} | {r['dispatch_only'] / r['jmoe']:.2f} | "
                 f"{mib(r['temp_jmoe'])} | {mib(r['temp_onehot'])} |"

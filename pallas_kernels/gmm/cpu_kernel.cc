@@ -67,27 +67,29 @@ inline void StoreTile(float* p, vf v) {
   store(p, MODE == kAccumulate ? load(p) + v : v);
 }
 
-#ifndef JMOE_PF
-#define JMOE_PF 12
-#endif
-constexpr int64_t kPrefetchRows = JMOE_PF;  // B rows ahead that the first panel of a strip prefetches
+constexpr int64_t kPrefetchRows = 12;  // B rows ahead that the first panel of a strip prefetches
+
+// Software prefetch in the micro-kernel: none; B rows kPrefetchRows ahead (the first panel
+// of a strip streams B from memory, the later panels find it in L2); or one cache line per
+// step of a caller-given region (the next work item's weights, fetched into L2 while this
+// item computes from cache).
+enum Prefetch { kNoPrefetch, kPrefetchB, kPrefetchNext };
 
 // C[MROWS, kNR] = A[MROWS, k] @ B[k, kNR]. A(i, p) is a[i * lda + p] (A_T false) or
-// a[p * lda + i] (A_T true); B(p, :) is the kNR floats at b + p * ldb. With PF, B rows are
-// prefetched kPrefetchRows ahead: the first panel of a strip streams B from memory, the
-// later ones find it in L2.
-template <int MROWS, bool A_T, int MODE, bool PF>
+// a[p * lda + i] (A_T true); B(p, :) is the kNR floats at b + p * ldb.
+template <int MROWS, bool A_T, int MODE, int PF>
 inline void MicroKernel(int64_t k, const float* __restrict a, int64_t lda,
                         const float* __restrict b, int64_t ldb, float* __restrict c,
-                        int64_t ldc) {
+                        int64_t ldc, const char* pf) {
   vf acc[MROWS][kNV];
   for (int i = 0; i < MROWS; ++i)
     for (int j = 0; j < kNV; ++j) acc[i][j] = vf{};
   for (int64_t p = 0; p < k; ++p) {
     vf bv[kNV];
     for (int j = 0; j < kNV; ++j) bv[j] = load(b + p * ldb + j * kVL);
-    if (PF)
+    if (PF == kPrefetchB)
       for (int j = 0; j < kNR; j += 16) __builtin_prefetch(b + (p + kPrefetchRows) * ldb + j, 0, 2);
+    if (PF == kPrefetchNext) __builtin_prefetch(pf + p * 64, 0, 2);
     for (int i = 0; i < MROWS; ++i) {
       const float ai = A_T ? a[p * lda + i] : a[i * lda + p];
       for (int j = 0; j < kNV; ++j) acc[i][j] += ai * bv[j];
@@ -97,13 +99,13 @@ inline void MicroKernel(int64_t k, const float* __restrict a, int64_t lda,
     for (int j = 0; j < kNV; ++j) StoreTile<MODE>(c + i * ldc + j * kVL, acc[i][j]);
 }
 
-template <bool A_T, int MODE, bool PF = false>
+template <bool A_T, int MODE, int PF = kNoPrefetch>
 void MicroKernelRows(int rows, int64_t k, const float* a, int64_t lda, const float* b,
-                     int64_t ldb, float* c, int64_t ldc) {
+                     int64_t ldb, float* c, int64_t ldc, const char* pf = nullptr) {
   switch (rows) {
 #define JMOE_ROWS_CASE(R) \
   case R:                 \
-    return MicroKernel<R, A_T, MODE, PF>(k, a, lda, b, ldb, c, ldc);
+    return MicroKernel<R, A_T, MODE, PF>(k, a, lda, b, ldb, c, ldc, pf);
     JMOE_ROWS_CASE(1)
     JMOE_ROWS_CASE(2)
     JMOE_ROWS_CASE(3)
@@ -175,11 +177,13 @@ void PackStrip(int64_t k, const float* b, int64_t b_rs, int64_t b_cs, int64_t n0
 // One column strip [n0, n0 + width) of C[rows, :] (+)= A[rows, k] @ B[k, :]. A(i, p) as in
 // MicroKernel; B(p, n) is b[p * b_rs + n * b_cs]. When B is row-major (b_cs == 1) and the
 // strip is full, B is read in place; otherwise the strip is packed into `pack` (zero-padded
-// to kNR columns) and a partial strip of C goes through a kNR-wide scratch tile.
+// to kNR columns) and a partial strip of C goes through a kNR-wide scratch tile. Panels that
+// read B from cache prefetch the region [*next, next_end) one line per step, advancing *next.
 template <bool A_T, int MODE>
 void Strip(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b, int64_t b_rs,
            int64_t b_cs, int64_t n0, int64_t width, float* c, int64_t ldc,
-           std::vector<float>& pack) {
+           std::vector<float>& pack, const char** next = nullptr,
+           const char* next_end = nullptr) {
   const float* bp = b + n0 * b_cs;
   int64_t ldb = b_rs;
   if (!(b_cs == 1 && width == kNR)) {
@@ -194,10 +198,15 @@ void Strip(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b,
     const float* ai = A_T ? a + i0 : a + i0 * lda;
     float* ci = c + i0 * ldc + n0;
     if (width == kNR) {
-      if (i0 == 0 && bp != pack.data())
-        MicroKernelRows<A_T, MODE, true>(mr, k, ai, lda, bp, ldb, ci, ldc);
-      else
+      const bool first_from_memory = i0 == 0 && bp != pack.data();
+      if (first_from_memory) {
+        MicroKernelRows<A_T, MODE, kPrefetchB>(mr, k, ai, lda, bp, ldb, ci, ldc);
+      } else if (next != nullptr && *next < next_end) {
+        MicroKernelRows<A_T, MODE, kPrefetchNext>(mr, k, ai, lda, bp, ldb, ci, ldc, *next);
+        *next += k * 64;
+      } else {
         MicroKernelRows<A_T, MODE>(mr, k, ai, lda, bp, ldb, ci, ldc);
+      }
       continue;
     }
     MicroKernelRows<A_T, kStore>(mr, k, ai, lda, bp, ldb, tile, kNR);
@@ -207,26 +216,32 @@ void Strip(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b,
   }
 }
 
-// Runs body(item) for item in [0, num_items) on the calling thread and on helpers scheduled
-// on XLA's pool. Items are claimed from a shared counter, so the caller never waits for a
-// helper that has not started: it drains what is left itself, then waits only for items
-// already claimed. Helpers that start late find nothing to claim and touch nothing else.
-void ParallelFor(ffi::ThreadPool& pool, int64_t num_items,
-                 const std::function<void(int64_t)>& body) {
+// Runs body(item, next) for item in [0, num_items) on the calling thread and on helpers
+// scheduled on XLA's pool; `next` is the item the same thread runs after this one (-1 if
+// none), claimed one ahead so its data can be prefetched. Items are claimed from a shared
+// counter, so the caller never waits for a helper that has not started: it drains what is
+// left itself, then waits only for items already claimed. Helpers that start late find
+// nothing to claim and touch nothing else.
+using Body = std::function<void(int64_t, int64_t)>;
+void ParallelFor(ffi::ThreadPool& pool, int64_t num_items, const Body& body) {
   struct State {
     std::atomic<int64_t> next{0};
     int64_t total = 0;
     int64_t done = 0;
     std::mutex mu;
     std::condition_variable cv;
-    const std::function<void(int64_t)>* body = nullptr;
+    const Body* body = nullptr;
   };
   auto state = std::make_shared<State>();
   state->total = num_items;
   state->body = &body;
   auto work = [](State& s) {
     int64_t finished = 0;
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.total; ++finished) (*s.body)(i);
+    for (int64_t i = s.next.fetch_add(1); i < s.total; ++finished) {
+      const int64_t next = s.next.fetch_add(1);
+      (*s.body)(i, next < s.total ? next : -1);
+      i = next;
+    }
     if (finished > 0) {
       std::lock_guard<std::mutex> lock(s.mu);
       s.done += finished;
@@ -275,14 +290,28 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
         items.push_back({g, r0, std::min(r0 + kRowBlock, starts[g + 1]), s0,
                          std::min(s0 + kStripsPerItem, strips)});
   const int64_t b_rs = transpose_rhs ? 1 : n, b_cs = transpose_rhs ? k : 1;
-  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx) {
+  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
     thread_local std::vector<float> pack;
     const Item& it = items[idx];
     const float* wg = w + it.g * k * n;
+    // Small groups are bound by streaming their weights: while this item computes from
+    // cache, fetch the next item's weights where they are one contiguous region (its rows
+    // of rhs[g] [N, K] when transposed; the whole rhs[g] [K, N] otherwise).
+    const char *pf = nullptr, *pf_end = nullptr;
+    if (nxt >= 0 && (items[nxt].g != it.g || items[nxt].s0 != it.s0)) {
+      const Item& nx = items[nxt];
+      if (transpose_rhs) {
+        pf = reinterpret_cast<const char*>(w + nx.g * k * n + nx.s0 * kNR * k);
+        pf_end = reinterpret_cast<const char*>(w + nx.g * k * n + std::min(nx.s1 * kNR, n) * k);
+      } else if (strips <= kStripsPerItem) {
+        pf = reinterpret_cast<const char*>(w + nx.g * k * n);
+        pf_end = pf + k * n * sizeof(float);
+      }
+    }
     for (int64_t s = it.s0; s < it.s1; ++s) {
       const int64_t n0 = s * kNR, width = std::min<int64_t>(kNR, n - n0);
       Strip<false, kStore>(it.r1 - it.r0, k, x + it.r0 * k, k, wg, b_rs, b_cs, n0, width,
-                   y + it.r0 * n, n, pack);
+                           y + it.r0 * n, n, pack, &pf, pf_end);
     }
   });
   return ffi::Error::Success();
@@ -307,7 +336,7 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
   // Non-temporal stores need every vector store aligned to 64 bytes.
   const bool stream = kVL == 16 && reinterpret_cast<uintptr_t>(dw) % 64 == 0 && n % 16 == 0;
   const int64_t blocks = (k + panel_rows - 1) / panel_rows;
-  ParallelFor(pool, g_count * blocks, [&](int64_t idx) {
+  ParallelFor(pool, g_count * blocks, [&](int64_t idx, int64_t) {
     thread_local std::vector<float> pack;
     const int64_t g = idx / blocks;
     const int64_t k0 = (idx % blocks) * panel_rows, k1 = std::min(k0 + panel_rows, k);
