@@ -35,8 +35,7 @@ def dropless_dispatch(x_TxD, routing: Routing, num_experts: int):
     order, inv, sizes = ops.sort_by_expert(
         routing.expert_ids, routing.active(num_experts), num_experts
     )
-    x_NxD = jnp.broadcast_to(x_TxD[:, None, :], (t, k, x_TxD.shape[-1])).reshape(t * k, -1)
-    return ops.permute_rows(x_NxD, order, inv), DroplessPlan(order, inv, sizes)
+    return ops.dispatch_rows(x_TxD, order, inv.reshape(t, k)), DroplessPlan(order, inv, sizes)
 
 
 def weighted_sum_slots(y_TxKxD, w_TxK):
@@ -50,9 +49,9 @@ def weighted_sum_slots(y_TxKxD, w_TxK):
 def dropless_combine(ys_NxD, plan: DroplessPlan, routing: Routing, num_experts: int):
     """Unsorts expert outputs and sums each token's slots weighted by the routing weights."""
     t, k = routing.expert_ids.shape
-    y_TxKxD = ops.permute_rows(ys_NxD, plan.inv_N, plan.order_N).reshape(t, k, -1)
     w = jnp.where(routing.active(num_experts), routing.weights, 0.0)
-    return weighted_sum_slots(y_TxKxD, w).astype(ys_NxD.dtype)
+    y_TxD = ops.combine_rows(ys_NxD, plan.order_N, plan.inv_N.reshape(t, k), w)
+    return y_TxD.astype(ys_NxD.dtype)
 
 
 def capacity(

@@ -40,6 +40,63 @@ def _permute_bwd(res, dy):
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
+@jax.custom_vjp
+def dispatch_rows(x_TxD, order_N, inv_TxK):
+    """Sorted slot rows ``x[order // K]`` straight from the token rows (no [T*K, D] copy).
+
+    The gradient sums each token's K slot rows, gathered through the inverse permutation:
+    one pass, no scatter-add.
+    """
+    return x_TxD[order_N // inv_TxK.shape[1]]
+
+
+def _dispatch_rows_fwd(x_TxD, order_N, inv_TxK):
+    return dispatch_rows(x_TxD, order_N, inv_TxK), (order_N, inv_TxK)
+
+
+def _dispatch_rows_bwd(res, d_NxD):
+    _, inv_TxK = res
+    dx_TxD = d_NxD[inv_TxK[:, 0]]
+    for k in range(1, inv_TxK.shape[1]):
+        dx_TxD = dx_TxD + d_NxD[inv_TxK[:, k]]
+    return dx_TxD, None, None
+
+
+dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
+
+
+@jax.custom_vjp
+def combine_rows(ys_NxD, order_N, inv_TxK, w_TxK):
+    """``y[t] = sum_k w[t, k] * ys[inv[t, k]]`` in fp32: unsort and weighted sum in one pass.
+
+    Gradients: ``d ys[r] = w[slot] * dy[token]`` for the slot at sorted row r (a gather by the
+    permutation) and ``d w[t, k] = <ys[inv[t, k]], dy[t]>``.
+    """
+    y_TxD = ys_NxD[inv_TxK[:, 0]].astype(jnp.float32) * w_TxK[:, :1]
+    for k in range(1, inv_TxK.shape[1]):
+        y_TxD = y_TxD + ys_NxD[inv_TxK[:, k]].astype(jnp.float32) * w_TxK[:, k : k + 1]
+    return y_TxD
+
+
+def _combine_rows_fwd(ys_NxD, order_N, inv_TxK, w_TxK):
+    return combine_rows(ys_NxD, order_N, inv_TxK, w_TxK), (ys_NxD, order_N, inv_TxK, w_TxK)
+
+
+def _combine_rows_bwd(res, dy_TxD):
+    ys_NxD, order_N, inv_TxK, w_TxK = res
+    k = inv_TxK.shape[1]
+    w_N = w_TxK.reshape(-1)[order_N]
+    dys_NxD = (w_N[:, None] * dy_TxD[order_N // k]).astype(ys_NxD.dtype)
+    dw_TxK = jnp.stack(
+        [jnp.sum(ys_NxD[inv_TxK[:, j]].astype(jnp.float32) * dy_TxD, axis=-1) for j in range(k)],
+        axis=1,
+    ).astype(w_TxK.dtype)
+    return dys_NxD, None, None, dw_TxK
+
+
+combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
+
+
 def sort_by_expert(expert_ids_TxK, active_TxK, num_experts: int):
     """Slot order grouping active slots by expert (inactive slots last) and the group sizes."""
     e_N = jnp.where(active_TxK, expert_ids_TxK, num_experts).reshape(-1).astype(jnp.int32)
