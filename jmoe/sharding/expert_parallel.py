@@ -109,7 +109,6 @@ def route_sharded(
 def _ragged_local(params, x, ids, act, w, *, e, p, r, axis, tensor_axis, activation, impl, emulate):
     """Dropless expert parallelism with ragged all-to-alls: only active rows move."""
     t_l, k = ids.shape
-    d = x.shape[-1]
     e_l, n = e // p, t_l * k
     me = jax.lax.axis_index(axis)
     order, inv, sizes_e = ops.sort_by_expert(ids, act, e)
@@ -127,8 +126,7 @@ def _ragged_local(params, x, ids, act, w, *, e, p, r, axis, tensor_axis, activat
     kept_pe = jnp.clip(jnp.minimum(cum, kept[:, None]) - (cum - sizes_pe), 0).astype(jnp.int32)
     recv_kept = all_to_all(kept_pe, axis).reshape(-1)  # (source, local expert) blocks
 
-    x_nd = jnp.broadcast_to(x[:, None, :], (t_l, k, d)).reshape(n, d)
-    xs = ops.permute_rows(x_nd, order, inv)
+    xs = ops.dispatch_rows(x, order, inv.reshape(t_l, k))
     recv = ragged_exchange(xs, starts, kept, out_off, recv_off, recv_sizes, r, axis, emulate)
     rows = jnp.arange(r, dtype=jnp.int32)
     block = jnp.searchsorted(jnp.cumsum(recv_kept), rows, side="right")
@@ -141,12 +139,10 @@ def _ragged_local(params, x, ids, act, w, *, e, p, r, axis, tensor_axis, activat
     back = ragged_exchange(
         y_recv, recv_off, recv_sizes, all_to_all(starts, axis), starts, kept, n, axis, emulate
     )
-    y_nd = ops.permute_rows(back, inv, order)
     dest = jnp.clip(ids.reshape(-1) // e_l, 0, p - 1)
     slot_kept = act.reshape(-1) & (inv - starts[dest] < kept[dest])
-    y = dispatch_lib.weighted_sum_slots(
-        y_nd.reshape(t_l, k, d), jnp.where(slot_kept.reshape(t_l, k), w, 0.0)
-    )
+    wk = jnp.where(slot_kept.reshape(t_l, k), w, 0.0)
+    y = ops.combine_rows(back, order, inv.reshape(t_l, k), wk)
     if tensor_axis is not None:
         y = jax.lax.psum(y, tensor_axis)
     overflow = jnp.sum(act) - jnp.sum(slot_kept)

@@ -26,6 +26,10 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -33,7 +37,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
 constexpr int kVL = 16;  // floats per vector register
 constexpr int kNV = 4;   // vectors per micro-tile row: a 6 x 64 tile in 24 zmm accumulators
 #elif defined(__AVX__)
@@ -273,6 +276,8 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
   const int64_t n = transpose_rhs ? rd[1] : rd[2];
   if ((transpose_rhs ? rd[2] : rd[1]) != k)
     return ffi::Error::InvalidArgument("jmoe gmm: contraction dims differ");
+  if (group_sizes.element_count() != static_cast<size_t>(g_count))
+    return ffi::Error::InvalidArgument("jmoe gmm: group_sizes must have G entries");
   std::vector<int64_t> starts;
   GroupStarts(group_sizes.typed_data(), g_count, m, starts);
   const float* x = lhs.typed_data();

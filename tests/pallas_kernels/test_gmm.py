@@ -1,6 +1,10 @@
 """Grouped matmul: every implementation against the plain-jnp oracle (values and gradients)."""
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +56,7 @@ def _close(got, want, dtype):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -311,3 +316,27 @@ def test_resolution_order():
         assert resolve_implementation(["mosaic_tpu", "xla"], interpret=True) == "mosaic_tpu"
         with pytest.raises(ValueError, match="runs on"):
             resolve_implementation("triton")
+
+
+def test_cpu_default_falls_back_without_a_compiler(tmp_path):
+    """No usable C++ compiler: the native kernel reports why and CPU uses the XLA loop."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from pallas_kernels.gmm import cpu, gmm, resolve_implementation\n"
+        "assert not cpu.available()\n"
+        "assert 'failed' in cpu.why_unavailable(), cpu.why_unavailable()\n"
+        "assert resolve_implementation(None) == 'xla'\n"
+        "x = jnp.ones((6, 4)); w = jnp.ones((2, 4, 3))\n"
+        "assert float(gmm(x, w, jnp.asarray([2, 3])).sum()) == 60.0\n"
+        "try:\n"
+        "    resolve_implementation('cpu_ffi')\n"
+        "    raise SystemExit('no error')\n"
+        "except ValueError as e:\n"
+        "    assert 'cpu_ffi' in str(e) and 'failed' in str(e), e\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), JMOE_CACHE_DIR=str(tmp_path))
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
