@@ -49,8 +49,9 @@ constexpr int kNV = 2;
 constexpr int kMR = 6;                  // rows per micro-tile
 constexpr int kNR = kVL * kNV;          // columns per micro-tile (one "strip")
 constexpr int64_t kRowBlock = 120;      // rows of one gmm work item (a multiple of kMR)
-constexpr int64_t kStripsPerItem = 4;   // column strips of one gmm work item
-constexpr int64_t kTgmmPanels = 8;      // kMR-row output panels of one tgmm work item
+constexpr int64_t kStripsNN = 8;        // column strips of one gmm work item (row-major rhs)
+constexpr int64_t kStripsNT = 4;        // the same with rhs transposed (strips are packed)
+constexpr int64_t kTgmmPanels = 16;     // kMR-row output panels of one tgmm work item
 constexpr int64_t kReduceBlock = 512;   // tgmm reduction rows per pass over a C block
 
 typedef float vf __attribute__((vector_size(kVL * sizeof(float)), aligned(4)));
@@ -288,12 +289,13 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
   // Items: (group, row block, strip block).
   struct Item { int64_t g, r0, r1, s0, s1; };
   const int64_t strips = (n + kNR - 1) / kNR;
+  const int64_t per_item = transpose_rhs ? kStripsNT : kStripsNN;
   std::vector<Item> items;
   for (int64_t g = 0; g < g_count; ++g)
     for (int64_t r0 = starts[g]; r0 < starts[g + 1]; r0 += kRowBlock)
-      for (int64_t s0 = 0; s0 < strips; s0 += kStripsPerItem)
+      for (int64_t s0 = 0; s0 < strips; s0 += per_item)
         items.push_back({g, r0, std::min(r0 + kRowBlock, starts[g + 1]), s0,
-                         std::min(s0 + kStripsPerItem, strips)});
+                         std::min(s0 + per_item, strips)});
   const int64_t b_rs = transpose_rhs ? 1 : n, b_cs = transpose_rhs ? k : 1;
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
     thread_local std::vector<float> pack;
@@ -308,7 +310,7 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
       if (transpose_rhs) {
         pf = reinterpret_cast<const char*>(w + nx.g * k * n + nx.s0 * kNR * k);
         pf_end = reinterpret_cast<const char*>(w + nx.g * k * n + std::min(nx.s1 * kNR, n) * k);
-      } else if (strips <= kStripsPerItem) {
+      } else if (strips <= per_item) {
         pf = reinterpret_cast<const char*>(w + nx.g * k * n);
         pf_end = pf + k * n * sizeof(float);
       }
