@@ -54,7 +54,8 @@ constexpr int64_t kStripsNT = 4;        // the same with rhs transposed (strips 
 constexpr int64_t kTgmmPanels = 16;     // kMR-row output panels of one tgmm work item
 constexpr int64_t kReduceBlock = 512;   // tgmm reduction rows per pass over a C block
 
-typedef float vf __attribute__((vector_size(kVL * sizeof(float)), aligned(4)));
+// Unaligned, and allowed to alias the float buffers it is loaded from and stored to.
+typedef float vf __attribute__((vector_size(kVL * sizeof(float)), aligned(4), __may_alias__));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
@@ -279,6 +280,9 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
     return ffi::Error::InvalidArgument("jmoe gmm: contraction dims differ");
   if (group_sizes.element_count() != static_cast<size_t>(g_count))
     return ffi::Error::InvalidArgument("jmoe gmm: group_sizes must have G entries");
+  const auto od = out->dimensions();
+  if (od.size() != 2 || od[0] != m || od[1] != n)
+    return ffi::Error::InvalidArgument("jmoe gmm: out must be [M, N]");
   std::vector<int64_t> starts;
   GroupStarts(group_sizes.typed_data(), g_count, m, starts);
   const float* x = lhs.typed_data();
@@ -329,7 +333,8 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
   const auto ld = lhs.dimensions();
   const auto dd = dout.dimensions();
   const auto od = out->dimensions();
-  if (ld.size() != 2 || dd.size() != 2 || od.size() != 3 || dd[0] != ld[0])
+  if (ld.size() != 2 || dd.size() != 2 || od.size() != 3 || dd[0] != ld[0] ||
+      od[1] != ld[1] || od[2] != dd[1])
     return ffi::Error::InvalidArgument("jmoe tgmm: lhs [M, K], dout [M, N], out [G, K, N]");
   const int64_t m = ld[0], k = ld[1], n = dd[1], g_count = od[0];
   if (group_sizes.element_count() < static_cast<size_t>(g_count))

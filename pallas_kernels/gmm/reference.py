@@ -5,8 +5,8 @@ import jax.numpy as jnp
 
 
 def group_ids(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
-    """Group id of every row; rows past sum(group_sizes) get id G."""
-    ends_G = jnp.cumsum(group_sizes_G)
+    """Group id of every row; rows past sum(group_sizes) get id G. Negative sizes count as 0."""
+    ends_G = jnp.cumsum(jnp.maximum(group_sizes_G, 0))
     return jnp.searchsorted(ends_G, jnp.arange(num_rows), side="right").astype(jnp.int32)
 
 
