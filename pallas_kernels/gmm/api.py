@@ -25,6 +25,10 @@ _BACKENDS = {
 # Pallas kernels, imported only when used: implementation -> module of `gmm` and `tgmm`.
 _KERNEL_MODULES = {"triton": "pallas_kernels.gmm.gpu", "mosaic_tpu": "pallas_kernels.gmm.tpu"}
 _INTERPRETABLE = tuple(_KERNEL_MODULES)
+# Plain (non-Pallas) implementations with the same `gmm` / `tgmm` signature.
+_PLAIN_MODULES = {"reference": reference, "xla": xla, "cpu_ffi": cpu}
+# Implementations that may be missing at run time: name -> reason (None when usable).
+_UNAVAILABLE = {"cpu_ffi": cpu.why_unavailable}
 # Backend -> implementations in order of preference; the first that is usable is the default.
 _DEFAULTS = {
     "cpu": ("cpu_ffi", "xla"),
@@ -35,12 +39,15 @@ _DEFAULTS = {
 }
 
 
-def _usable(name: str, backend: str, interpret: bool) -> bool:
+def _runs_on(name: str, backend: str, interpret: bool) -> bool:
     allowed = _BACKENDS[name]
-    if not (allowed is None or backend in allowed or (interpret and name in _INTERPRETABLE)):
+    return allowed is None or backend in allowed or (interpret and name in _INTERPRETABLE)
+
+
+def _usable(name: str, backend: str, interpret: bool) -> bool:
+    if not _runs_on(name, backend, interpret):
         return False
-    # The native CPU kernel is built on first use and may be missing (no C++ compiler).
-    return name != "cpu_ffi" or cpu.available()
+    return name not in _UNAVAILABLE or _UNAVAILABLE[name]() is None
 
 
 def resolve_implementation(
@@ -61,8 +68,8 @@ def resolve_implementation(
     """
     backend = jax.default_backend()
     if implementation is None:
-        names = list(_DEFAULTS.get(backend, ("xla",)))
-        return next((n for n in names if _usable(n, backend, interpret)), "xla")
+        defaults = _DEFAULTS.get(backend, ("xla",))
+        return next((n for n in defaults if _usable(n, backend, interpret)), "xla")
     names = [implementation] if isinstance(implementation, str) else list(implementation)
     for name in names:
         if name not in IMPLEMENTATIONS:
@@ -70,7 +77,11 @@ def resolve_implementation(
     for name in names:
         if _usable(name, backend, interpret):
             return name
-    why = f"; cpu_ffi: {cpu.why_unavailable()}" if "cpu_ffi" in names and backend == "cpu" else ""
+    why = "".join(
+        f"; {n}: {_UNAVAILABLE[n]()}"
+        for n in names
+        if n in _UNAVAILABLE and _runs_on(n, backend, interpret)
+    )
     raise ValueError(f"none of {names} runs on backend {backend!r} (interpret={interpret}){why}")
 
 
@@ -93,16 +104,8 @@ def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs):
 
 
 def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
-    if impl == "reference":
-        return reference.gmm(
-            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype
-        )
-    if impl == "xla":
-        return xla.gmm(
-            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype
-        )
-    if impl == "cpu_ffi":
-        return cpu.gmm(
+    if impl in _PLAIN_MODULES:
+        return _PLAIN_MODULES[impl].gmm(
             lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype
         )
     if impl == "ragged_dot":
@@ -124,20 +127,12 @@ def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
 
 
 def _tgmm_impl(lhs, dout, group_sizes, num_groups, out_dtype, impl, interpret):
-    if impl == "reference":
-        return reference.tgmm(
-            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype
-        )
-    if impl == "cpu_ffi":
-        return cpu.tgmm(
-            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype
-        )
     if impl == "ragged_dot":
         # ragged_dot's transpose (ragged contracting dim) is not a fast path either; use the
         # active-FLOPs loop.
         impl = "xla"
-    if impl == "xla":
-        return xla.tgmm(
+    if impl in _PLAIN_MODULES:
+        return _PLAIN_MODULES[impl].tgmm(
             lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype
         )
     kernel = importlib.import_module(_KERNEL_MODULES[impl])
