@@ -10,7 +10,7 @@
 //
 // Products (row-major, the rows of group g are [start_g, end_g)):
 //   gmm  NN: out[r, :] = lhs[r, :] @ rhs[g]         rhs [G, K, N]
-//   gmm  NT: out[r, :] = lhs[r, :] @ rhs[g]^T       rhs [G, N, K] (packed per column strip)
+//   gmm  NT: out[r, :] = lhs[r, :] @ rhs[g]^T       rhs [G, N, K] (run transposed, see kNT)
 //   tgmm TN: out[g]    = lhs[rows g]^T @ dout[rows g]
 // Rows past sum(group_sizes) come out zero; empty groups give zero tgmm blocks.
 //
@@ -50,7 +50,6 @@ constexpr int kMR = 6;                  // rows per micro-tile
 constexpr int kNR = kVL * kNV;          // columns per micro-tile (one "strip")
 constexpr int64_t kRowBlock = 120;      // rows of one gmm work item (a multiple of kMR)
 constexpr int64_t kStripsNN = 8;        // column strips of one gmm work item (row-major rhs)
-constexpr int64_t kStripsNT = 4;        // the same with rhs transposed (strips are packed)
 constexpr int64_t kTgmmPanels = 16;     // kMR-row output panels of one tgmm work item
 constexpr int64_t kReduceBlock = 512;   // tgmm reduction rows per pass over a C block
 
@@ -153,10 +152,10 @@ inline void Transpose16x16(__m512 r[16]) {
 }
 #endif
 
-// pack[p * kNR + n] = B(p, n0 + n) for p < k, n < width (zero past width), where
+// pack[p * ldp + n] = B(p, n0 + n) for p < k, n < width (zero up to ldp), where
 // B(p, n) = b[p * b_rs + n * b_cs].
 void PackStrip(int64_t k, const float* b, int64_t b_rs, int64_t b_cs, int64_t n0,
-               int64_t width, float* pack) {
+               int64_t width, float* pack, int64_t ldp) {
   int64_t n_done = 0, p_done = 0;
 #if defined(__AVX512F__)
   if (b_rs == 1) {  // columns of B are contiguous rows in memory: 16 x 16 block transposes
@@ -167,33 +166,31 @@ void PackStrip(int64_t k, const float* b, int64_t b_rs, int64_t b_cs, int64_t n0
       for (int64_t pb = 0; pb < p_done; pb += 16) {
         for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(b + (n0 + nb + i) * b_cs + pb);
         Transpose16x16(r);
-        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(pack + (pb + i) * kNR + nb, r[i]);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(pack + (pb + i) * ldp + nb, r[i]);
       }
   }
 #endif
   for (int64_t p = 0; p < k; ++p) {
-    float* row = pack + p * kNR;
+    float* row = pack + p * ldp;
     for (int64_t n = (p < p_done ? n_done : 0); n < width; ++n)
       row[n] = b[p * b_rs + (n0 + n) * b_cs];
-    for (int64_t n = width; n < kNR; ++n) row[n] = 0.0f;
+    for (int64_t n = width; n < ldp; ++n) row[n] = 0.0f;
   }
 }
 
 // One column strip [n0, n0 + width) of C[rows, :] (+)= A[rows, k] @ B[k, :]. A(i, p) as in
-// MicroKernel; B(p, n) is b[p * b_rs + n * b_cs]. When B is row-major (b_cs == 1) and the
-// strip is full, B is read in place; otherwise the strip is packed into `pack` (zero-padded
-// to kNR columns) and a partial strip of C goes through a kNR-wide scratch tile. Panels that
-// read B from cache prefetch the region [*next, next_end) one line per step, advancing *next.
+// MicroKernel; B is row-major with row stride ldb. A full strip of B is read in place; a
+// partial one is packed into `pack` (zero-padded to kNR columns) and its strip of C goes
+// through a kNR-wide scratch tile. Panels that read B from cache prefetch the region
+// [*next, next_end) one line per step, advancing *next.
 template <bool A_T, int MODE>
-void Strip(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b, int64_t b_rs,
-           int64_t b_cs, int64_t n0, int64_t width, float* c, int64_t ldc,
-           std::vector<float>& pack, const char** next = nullptr,
-           const char* next_end = nullptr) {
-  const float* bp = b + n0 * b_cs;
-  int64_t ldb = b_rs;
-  if (!(b_cs == 1 && width == kNR)) {
+void Strip(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+           int64_t n0, int64_t width, float* c, int64_t ldc, std::vector<float>& pack,
+           const char** next = nullptr, const char* next_end = nullptr) {
+  const float* bp = b + n0;
+  if (width < kNR) {
     pack.resize(static_cast<size_t>(k) * kNR);
-    PackStrip(k, b, b_rs, b_cs, n0, width, pack.data());
+    PackStrip(k, b, ldb, 1, n0, width, pack.data(), kNR);
     bp = pack.data();
     ldb = kNR;
   }
@@ -220,6 +217,96 @@ void Strip(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b,
         ci[i * ldc + n] = (MODE == kAccumulate ? ci[i * ldc + n] : 0.0f) + tile[i * kNR + n];
   }
 }
+
+// The NT product runs transposed: out[rows, cols]^T = rhs[g][cols, :] @ lhs[rows, :]^T.
+// rhs[g] [N, K] is row-major in the contraction, so it is the micro-kernel's A operand read in
+// place, kMT output columns at a time; only the group's lhs rows are packed (as [K, kNT]
+// tiles), where the plain product would pack every column strip of rhs[g] per row block
+// (G * N * K floats per call against M * K). Tiles are transposed back as they are stored.
+constexpr int kNVT = 2;
+constexpr int kNT = kVL * kNVT;             // lhs rows per transposed tile (32 with AVX-512)
+constexpr int kMT = kVL == 16 ? 12 : 6;     // output columns per transposed micro-tile
+constexpr int64_t kPanelsNT = 16;           // kMT-column panels of one NT work item
+constexpr int64_t kPackBytesNT = 256 << 10; // lhs rows packed per NT work item (L2-resident)
+
+// out[r, i] (r < rows, i < MROWS) = acc[i] lane r: the [MROWS, NV * kVL] tile stored
+// transposed.
+template <int MROWS, int NV>
+inline void StoreTransposed(const vf (&acc)[MROWS][NV], int rows, float* c, int64_t ldc) {
+#if defined(__AVX512F__)
+  static_assert(MROWS <= 16, "one 16 x 16 transpose per vector of rows");
+  const __mmask16 mask = static_cast<__mmask16>((1u << MROWS) - 1);
+  for (int j = 0; j < NV && j * 16 < rows; ++j) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < MROWS ? reinterpret_cast<const __m512&>(acc[i][j]) : _mm512_setzero_ps();
+    Transpose16x16(r);
+    const int n = std::min(16, rows - j * 16);
+    for (int q = 0; q < n; ++q) _mm512_mask_storeu_ps(c + (j * 16 + q) * ldc, mask, r[q]);
+  }
+#else
+  for (int j = 0; j < NV; ++j)
+    for (int l = 0; l < kVL && j * kVL + l < rows; ++l)
+      for (int i = 0; i < MROWS; ++i) c[(j * kVL + l) * ldc + i] = acc[i][j][l];
+#endif
+}
+
+// out[r, i] = sum_p A[i, p] * B[p, r] for i < MROWS, r < rows (<= NV * kVL), A[i, p] =
+// a[i * lda + p] and B the packed [k, kNT] tile (its first NV vectors); prefetches one cache
+// line of `pf` per step when non-null.
+template <int MROWS, int NV>
+inline void MicroKernelT(int64_t k, const float* __restrict a, int64_t lda,
+                         const float* __restrict b, int rows, float* __restrict c, int64_t ldc,
+                         const char* pf) {
+  vf acc[MROWS][NV];
+  for (int i = 0; i < MROWS; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = vf{};
+  for (int64_t p = 0; p < k; ++p) {
+    vf bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = load(b + p * kNT + j * kVL);
+    if (pf != nullptr) __builtin_prefetch(pf + p * 64, 0, 2);
+    for (int i = 0; i < MROWS; ++i) {
+      const float ai = a[i * lda + p];
+      for (int j = 0; j < NV; ++j) acc[i][j] += ai * bv[j];
+    }
+  }
+  StoreTransposed<MROWS, NV>(acc, rows, c, ldc);
+}
+
+// A tile of at most kVL rows (a short group's last) runs on one vector of rows.
+template <int MROWS>
+inline void MicroKernelTRows(int64_t k, const float* a, int64_t lda, const float* b, int rows,
+                             float* c, int64_t ldc, const char* pf) {
+  if (rows <= kVL) return MicroKernelT<MROWS, 1>(k, a, lda, b, rows, c, ldc, pf);
+  MicroKernelT<MROWS, kNVT>(k, a, lda, b, rows, c, ldc, pf);
+}
+
+void MicroKernelTCols(int cols, int64_t k, const float* a, int64_t lda, const float* b,
+                      int rows, float* c, int64_t ldc, const char* pf) {
+  switch (cols) {
+#define JMOE_COLS_CASE(R) \
+  case R:                 \
+    return MicroKernelTRows<R>(k, a, lda, b, rows, c, ldc, pf);
+    JMOE_COLS_CASE(1)
+    JMOE_COLS_CASE(2)
+    JMOE_COLS_CASE(3)
+    JMOE_COLS_CASE(4)
+    JMOE_COLS_CASE(5)
+    JMOE_COLS_CASE(6)
+#if defined(__AVX512F__)
+    JMOE_COLS_CASE(7)
+    JMOE_COLS_CASE(8)
+    JMOE_COLS_CASE(9)
+    JMOE_COLS_CASE(10)
+    JMOE_COLS_CASE(11)
+    JMOE_COLS_CASE(12)
+#endif
+#undef JMOE_COLS_CASE
+    default:
+      return;
+  }
+}
+static_assert(kMT == 12 || kMT == 6, "MicroKernelTCols instantiates 1..kMT columns");
 
 // Runs body(item, next) for item in [0, num_items) on the calling thread and on helpers
 // scheduled on XLA's pool; `next` is the item the same thread runs after this one (-1 if
@@ -267,6 +354,47 @@ void GroupStarts(const int32_t* sizes, int64_t num_groups, int64_t num_rows,
     starts[g + 1] = std::min<int64_t>(starts[g] + std::max<int32_t>(sizes[g], 0), num_rows);
 }
 
+// out[rows of g] = lhs[rows of g] @ rhs[g]^T for rhs [G, N, K], computed transposed (see
+// kNT). Items: (group, up to 4 row tiles, up to kPanelsNT column panels); each packs its row
+// tiles once and runs the column panels outermost, so a panel of rhs[g] is read from memory
+// once per item and the next panel (or the next item's first one) is prefetched meanwhile.
+void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
+           const std::vector<int64_t>& starts, int64_t k, int64_t n, float* y) {
+  struct Item { int64_t g, r0, r1, c0, c1; };
+  const int64_t tile_bytes = k * kNT * static_cast<int64_t>(sizeof(float));
+  const int64_t row_block = std::clamp<int64_t>(kPackBytesNT / tile_bytes, 1, 4) * kNT;
+  const int64_t col_block = kPanelsNT * kMT;
+  std::vector<Item> items;
+  for (size_t g = 0; g + 1 < starts.size(); ++g)
+    for (int64_t r0 = starts[g]; r0 < starts[g + 1]; r0 += row_block)
+      for (int64_t c0 = 0; c0 < n; c0 += col_block)
+        items.push_back({static_cast<int64_t>(g), r0, std::min(r0 + row_block, starts[g + 1]),
+                         c0, std::min(c0 + col_block, n)});
+  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
+    thread_local std::vector<float> pack;
+    const Item& it = items[idx];
+    const int64_t rows = it.r1 - it.r0, tiles = (rows + kNT - 1) / kNT;
+    pack.resize(static_cast<size_t>(tiles * k * kNT));
+    for (int64_t t = 0; t < tiles; ++t)
+      PackStrip(k, x + (it.r0 + t * kNT) * k, 1, k, 0, std::min<int64_t>(kNT, rows - t * kNT),
+                pack.data() + t * k * kNT, kNT);
+    const float* wg = w + it.g * n * k;
+    const float* next_first = nullptr;  // the next item's first panel, if not this item's
+    if (nxt >= 0 && (items[nxt].g != it.g || items[nxt].c0 != it.c0))
+      next_first = w + items[nxt].g * n * k + items[nxt].c0 * k;
+    for (int64_t c = it.c0; c < it.c1; c += kMT) {
+      const float* a = wg + c * k;
+      const float* pf = c + kMT < it.c1 ? a + kMT * k : next_first;
+      for (int64_t t = 0; t < tiles; ++t)
+        MicroKernelTCols(static_cast<int>(std::min<int64_t>(kMT, it.c1 - c)), k, a, k,
+                         pack.data() + t * k * kNT,
+                         static_cast<int>(std::min<int64_t>(kNT, rows - t * kNT)),
+                         y + (it.r0 + t * kNT) * n + c, n,
+                         t == 0 ? reinterpret_cast<const char*>(pf) : nullptr);
+    }
+  });
+}
+
 ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs,
                    ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out,
                    bool transpose_rhs) {
@@ -290,39 +418,36 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
   float* y = out->typed_data();
   if (starts[g_count] < m)
     std::memset(y + starts[g_count] * n, 0, (m - starts[g_count]) * n * sizeof(float));
+  if (transpose_rhs) {
+    GmmNT(pool, x, w, starts, k, n, y);
+    return ffi::Error::Success();
+  }
   // Items: (group, row block, strip block).
   struct Item { int64_t g, r0, r1, s0, s1; };
   const int64_t strips = (n + kNR - 1) / kNR;
-  const int64_t per_item = transpose_rhs ? kStripsNT : kStripsNN;
+  const int64_t per_item = kStripsNN;
   std::vector<Item> items;
   for (int64_t g = 0; g < g_count; ++g)
     for (int64_t r0 = starts[g]; r0 < starts[g + 1]; r0 += kRowBlock)
       for (int64_t s0 = 0; s0 < strips; s0 += per_item)
         items.push_back({g, r0, std::min(r0 + kRowBlock, starts[g + 1]), s0,
                          std::min(s0 + per_item, strips)});
-  const int64_t b_rs = transpose_rhs ? 1 : n, b_cs = transpose_rhs ? k : 1;
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
     thread_local std::vector<float> pack;
     const Item& it = items[idx];
     const float* wg = w + it.g * k * n;
     // Small groups are bound by streaming their weights: while this item computes from
-    // cache, fetch the next item's weights where they are one contiguous region (its rows
-    // of rhs[g] [N, K] when transposed; the whole rhs[g] [K, N] otherwise).
+    // cache, fetch the next item's weights where they are one contiguous region (the whole
+    // rhs[g] when one item covers all its columns).
     const char *pf = nullptr, *pf_end = nullptr;
-    if (nxt >= 0 && (items[nxt].g != it.g || items[nxt].s0 != it.s0)) {
-      const Item& nx = items[nxt];
-      if (transpose_rhs) {
-        pf = reinterpret_cast<const char*>(w + nx.g * k * n + nx.s0 * kNR * k);
-        pf_end = reinterpret_cast<const char*>(w + nx.g * k * n + std::min(nx.s1 * kNR, n) * k);
-      } else if (strips <= per_item) {
-        pf = reinterpret_cast<const char*>(w + nx.g * k * n);
-        pf_end = pf + k * n * sizeof(float);
-      }
+    if (nxt >= 0 && items[nxt].g != it.g && strips <= per_item) {
+      pf = reinterpret_cast<const char*>(w + items[nxt].g * k * n);
+      pf_end = pf + k * n * sizeof(float);
     }
     for (int64_t s = it.s0; s < it.s1; ++s) {
       const int64_t n0 = s * kNR, width = std::min<int64_t>(kNR, n - n0);
-      Strip<false, kStore>(it.r1 - it.r0, k, x + it.r0 * k, k, wg, b_rs, b_cs, n0, width,
-                           y + it.r0 * n, n, pack, &pf, pf_end);
+      Strip<false, kStore>(it.r1 - it.r0, k, x + it.r0 * k, k, wg, n, n0, width, y + it.r0 * n,
+                           n, pack, &pf, pf_end);
     }
   });
   return ffi::Error::Success();
@@ -369,11 +494,11 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
       for (int64_t n0 = 0; n0 < n; n0 += kNR) {
         const int64_t width = std::min<int64_t>(kNR, n - n0);
         if (r0 > 0)
-          Strip<true, kAccumulate>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
+          Strip<true, kAccumulate>(k1 - k0, len, a, k, b, n, n0, width, c, n, pack);
         else if (stream && len == rows)
-          Strip<true, kStream>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
+          Strip<true, kStream>(k1 - k0, len, a, k, b, n, n0, width, c, n, pack);
         else
-          Strip<true, kStore>(k1 - k0, len, a, k, b, n, 1, n0, width, c, n, pack);
+          Strip<true, kStore>(k1 - k0, len, a, k, b, n, n0, width, c, n, pack);
       }
     }
 #if defined(__AVX512F__)

@@ -182,15 +182,17 @@ class TestCpuFfi(GmmTestBase):
     @settings(max_examples=6, **_SETTINGS)
     @given(
         st.integers(1, 700),
-        st.sampled_from([16, 48, 64, 160]),
+        st.sampled_from([16, 37, 48, 64, 160]),
         st.sampled_from([16, 64, 70, 200]),
         st.integers(1, 9),
         st.integers(0, 2**31 - 1),
     )
     def test_blocked_paths(self, m, k, n, g, seed):
-        """Sizes that reach every code path: 16 x 16 transposing packs (K and N multiples of
-        16), full and partial 64-column strips, several row blocks per group, tgmm reductions
-        longer than one pass, empty groups and rows past the groups."""
+        """Sizes that reach every code path: 16 x 16 transposing packs and their scalar
+        edges, full and partial 64-column strips, several row blocks per group; for the
+        transposed product, 12-column panels with a partial last one, 32-row tiles with
+        16-row and partial tails, several column blocks (N = 200); tgmm reductions longer than
+        one pass, empty groups and rows past the groups."""
         rng = np.random.default_rng(seed)
         sizes = rng.multinomial(rng.integers(0, m + 1), rng.dirichlet(np.ones(g) * 0.5))
         sizes[rng.integers(g)] = 0
@@ -210,6 +212,15 @@ class TestCpuFfi(GmmTestBase):
         gs = jnp.asarray(sizes, jnp.int32)
         _close(jax.jit(self.call_gmm)(x, w, gs), reference.gmm(x, w, gs), jnp.float32)
         _close(jax.jit(self.call_tgmm)(x, c, gs), reference.tgmm(x, c, gs), jnp.float32)
+
+    def test_transposed_long_contraction(self):
+        """The transposed product with a contraction too long for more than one packed row
+        tile per work item."""
+        m, k, n = 90, 2100, 40
+        x, w, _ = _inputs(m, k, n, 3, jnp.float32, 12)
+        gs = jnp.asarray([70, 0, 17], jnp.int32)
+        nt = functools.partial(self.call_gmm, transpose_rhs=True)
+        _close(jax.jit(nt)(x, jnp.swapaxes(w, 1, 2), gs), reference.gmm(x, w, gs), jnp.float32)
 
     def test_vmap(self):
         x, w, _ = _inputs(40, 16, 24, 3, jnp.float32, 9)
