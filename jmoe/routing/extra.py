@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 
+from jmoe import ops
 from jmoe.routing.config import RouterConfig
 from jmoe.routing.routers import add_logit_noise
 from jmoe.routing.types import Routing
@@ -18,7 +19,7 @@ def null(logits_TxS, cfg: RouterConfig, *, rng=None) -> Routing:
     """
     logits = add_logit_noise(logits_TxS.astype(jnp.float32), cfg.noise_std, rng)
     probs = jax.nn.softmax(logits, axis=-1)
-    p, ids = jax.lax.top_k(probs, cfg.top_k)
+    p, ids = ops.top_k(probs, cfg.top_k)
     real = ids < cfg.num_experts
     w = jnp.where(real, p, 0.0)
     if cfg.normalize_weights:
@@ -35,7 +36,7 @@ def moepp(logits_TxS, cfg: RouterConfig, *, rng=None) -> Routing:
     """
     logits = add_logit_noise(logits_TxS.astype(jnp.float32), cfg.noise_std, rng)
     probs = jax.nn.softmax(logits, axis=-1)
-    w, ids = jax.lax.top_k(probs, cfg.top_k)
+    w, ids = ops.top_k(probs, cfg.top_k)
     if cfg.normalize_weights:
         w = w / jnp.sum(w, axis=-1, keepdims=True)
     return Routing(ids.astype(jnp.int32), w, jnp.ones(ids.shape, bool), probs, logits)
@@ -51,7 +52,7 @@ def stochastic(logits_TxS, cfg: RouterConfig, *, rng=None, deterministic=False) 
     probs = jax.nn.softmax(logits, axis=-1)
     t = logits.shape[0]
     if deterministic and cfg.stochastic_eval == "topk":
-        _, ids = jax.lax.top_k(logits, cfg.top_k)
+        _, ids = ops.top_k(logits, cfg.top_k)
     else:
         if rng is None:
             raise ValueError("router 'stochastic' needs rng (pass rngs={'router': key} to apply)")

@@ -6,6 +6,7 @@ Every router is a pure function `(logits_TxS, cfg, ...) -> Routing`, computed in
 import jax
 import jax.numpy as jnp
 
+from jmoe import ops
 from jmoe.routing.config import RouterConfig
 from jmoe.routing.types import Routing
 
@@ -31,11 +32,11 @@ def topk(logits_TxS, cfg: RouterConfig, *, rng=None) -> Routing:
     logits = add_logit_noise(logits_TxS.astype(jnp.float32), cfg.noise_std, rng)
     probs = jax.nn.softmax(logits, axis=-1)
     if cfg.softmax_order == "before":
-        w, ids = jax.lax.top_k(probs, cfg.top_k)
+        w, ids = ops.top_k(probs, cfg.top_k)
         if cfg.normalize_weights:
             w = w / jnp.sum(w, axis=-1, keepdims=True)
     else:
-        top_logits, ids = jax.lax.top_k(logits, cfg.top_k)
+        top_logits, ids = ops.top_k(logits, cfg.top_k)
         w = jax.nn.softmax(top_logits, axis=-1)
     return Routing(ids.astype(jnp.int32), w, _full_mask(ids), probs, logits)
 
@@ -55,11 +56,11 @@ def sigmoid(logits_TxS, cfg: RouterConfig, *, bias=None, rng=None) -> Routing:
     if cfg.n_groups > 1:
         t = sel.shape[0]
         sel_g = sel.reshape(t, cfg.n_groups, cfg.num_experts // cfg.n_groups)
-        top2 = jax.lax.top_k(sel_g, min(2, sel_g.shape[-1]))[0].sum(-1)
-        _, keep_groups = jax.lax.top_k(top2, cfg.topk_groups)
+        top2 = ops.top_k(sel_g, min(2, sel_g.shape[-1]))[0].sum(-1)
+        _, keep_groups = ops.top_k(top2, cfg.topk_groups)
         gmask = jnp.zeros((t, cfg.n_groups), bool).at[jnp.arange(t)[:, None], keep_groups].set(True)
         sel = jnp.where(jnp.repeat(gmask, cfg.num_experts // cfg.n_groups, axis=1), sel, -jnp.inf)
-    _, ids = jax.lax.top_k(sel, cfg.top_k)
+    _, ids = ops.top_k(sel, cfg.top_k)
     w = jnp.take_along_axis(s, ids, axis=-1)
     w = w / jnp.sum(w, axis=-1, keepdims=True) * cfg.route_scale
     probs = s / jnp.sum(s, axis=-1, keepdims=True)  # the normalised affinities of eq. 19.
@@ -89,7 +90,7 @@ def expert_choice(logits_TxS, cfg: RouterConfig, *, rng=None) -> Routing:
     probs = jax.nn.softmax(logits, axis=-1)
     t, e = probs.shape
     c = cfg.expert_choice_capacity(t)
-    _, tok_ExC = jax.lax.top_k(probs.T, c)
+    _, tok_ExC = ops.top_k(probs.T, c)
     picked_ExT = jnp.zeros((e, t), bool).at[jnp.arange(e)[:, None], tok_ExC].set(True)
     mask = picked_ExT.T
     ids = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (t, e))
@@ -105,7 +106,7 @@ def top_p(logits_TxS, cfg: RouterConfig, *, rng=None) -> Routing:
     """
     logits = add_logit_noise(logits_TxS.astype(jnp.float32), cfg.noise_std, rng)
     probs = jax.nn.softmax(logits, axis=-1)
-    p_sorted, ids = jax.lax.top_k(probs, cfg.top_k)
+    p_sorted, ids = ops.top_k(probs, cfg.top_k)
     before = jnp.cumsum(p_sorted, axis=-1) - p_sorted  # probability mass before each slot.
     mask = before < cfg.top_p
     mask = mask.at[:, 0].set(True)

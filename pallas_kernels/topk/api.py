@@ -1,0 +1,88 @@
+"""Public top-k API: implementation choice and argument checks.
+
+The k largest entries along the last axis, as ``jax.lax.top_k`` returns them. Only the
+indices come from a kernel; the values are gathered from the operand, so they keep its dtype
+and are differentiable with respect to it (the gradient flows to the selected entries).
+"""
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels.topk import cpu, reference
+
+Implementation = Literal["reference", "cpu_ffi"]
+IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
+
+_MODULES = {"reference": reference, "cpu_ffi": cpu}
+# The native kernel does O(N + k * N / 16) work per row against a partial sort's
+# O(N log k): past this k the default stays with XLA's TopK.
+CPU_FFI_MAX_K = 64
+
+
+def _applies(name: str, operand, k: int, *, default: bool) -> bool:
+    if name == "reference":
+        return True
+    cpu_ok = jax.default_backend() == "cpu" and jnp.issubdtype(operand.dtype, jnp.floating)
+    return cpu_ok and cpu.available() and (not default or k <= CPU_FFI_MAX_K)
+
+
+def resolve_implementation(implementation: str | Sequence[str] | None, operand, k: int) -> str:
+    """Picks the implementation: a name, a sequence (first that applies wins) or None.
+
+    None: ``cpu_ffi`` on CPU for float operands with k <= CPU_FFI_MAX_K when the native
+    kernel builds, else ``reference``.
+
+    Raises:
+      ValueError: unknown name, or none of the names applies (with the reason).
+    """
+    if implementation is None:
+        return "cpu_ffi" if _applies("cpu_ffi", operand, k, default=True) else "reference"
+    names = [implementation] if isinstance(implementation, str) else list(implementation)
+    for name in names:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown top_k implementation {name!r}; allowed: {IMPLEMENTATIONS}")
+    for name in names:
+        if _applies(name, operand, k, default=False):
+            return name
+    raise ValueError(
+        f"none of {names} applies to a {operand.dtype} operand on backend "
+        f"{jax.default_backend()!r} (cpu_ffi needs a float operand on CPU; "
+        f"native kernel: {cpu.why_unavailable() or 'available'})"
+    )
+
+
+def top_k(
+    operand: Float[Array, "*batch n"],
+    k: int,
+    *,
+    implementation: str | Sequence[str] | None = None,
+) -> tuple[Float[Array, "*batch k"], Int[Array, "*batch k"]]:
+    """The k largest entries along the last axis and their indices, like ``jax.lax.top_k``.
+
+    Descending in the IEEE total order (+NaN first, -NaN last); equal values come in
+    increasing index order.
+
+    Args:
+      operand: [..., N].
+      k: 1 <= k <= N (static).
+      implementation: "reference" (``jax.lax.top_k``), "cpu_ffi" (native CPU kernel), a
+        sequence of them (first that applies wins) or None for the best available.
+
+    Returns:
+      values [..., k] (operand's dtype), indices [..., k] (int32).
+
+    Raises:
+      ValueError: k out of range, a 0-d operand, or no implementation applies.
+    """
+    if operand.ndim < 1:
+        raise ValueError(f"top_k needs an operand with a last axis, got shape {operand.shape}")
+    n = operand.shape[-1]
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"top_k: k={k!r} must be an int with 1 <= k <= N={n}")
+    impl = resolve_implementation(implementation, operand, k)
+    ids = _MODULES[impl].top_k_indices(jax.lax.stop_gradient(operand), k)
+    return jnp.take_along_axis(operand, ids, axis=-1), ids

@@ -1,0 +1,32 @@
+"""Native CPU top-k: ``cpu_kernel.cc`` through the XLA FFI (f32 keys, one pass per row).
+
+Built on first use (``pallas_kernels.native``). Other float dtypes are upcast to f32, which
+keeps their order exactly.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.native import NativeLibrary
+
+_TARGET = "jmoe_top_k_f32"
+_LIBRARY = NativeLibrary(
+    "top_k implementation 'cpu_ffi'",
+    pathlib.Path(__file__).with_name("cpu_kernel.cc"),
+    {_TARGET: "JmoeTopKF32"},
+)
+available = _LIBRARY.available
+why_unavailable = _LIBRARY.why_unavailable
+
+
+def top_k_indices(operand, k: int):
+    """See ``pallas_kernels.topk.reference.top_k_indices``."""
+    _LIBRARY.require()
+    call = jax.ffi.ffi_call(
+        _TARGET,
+        jax.ShapeDtypeStruct((*operand.shape[:-1], k), jnp.int32),
+        vmap_method="broadcast_all",
+    )
+    return call(operand.astype(jnp.float32))
