@@ -111,7 +111,7 @@ combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 def sort_by_expert(expert_ids_TxK, active_TxK, num_experts: int):
     """Slot order grouping active slots by expert (inactive slots last) and the group sizes."""
     e_N = jnp.where(active_TxK, expert_ids_TxK, num_experts).reshape(-1).astype(jnp.int32)
-    order_N = jnp.argsort(e_N, stable=True).astype(jnp.int32)
+    order_N = dispatch_kernels.stable_order(e_N, num_experts + 1)
     inv_N = jnp.zeros_like(order_N).at[order_N].set(jnp.arange(order_N.shape[0], dtype=jnp.int32))
     sizes = jnp.bincount(e_N, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     return order_N, inv_N, sizes

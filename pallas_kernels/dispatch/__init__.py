@@ -8,6 +8,7 @@ from pallas_kernels.dispatch.api import (
     dropped_count,
     positions,
     resolve_implementation,
+    stable_order,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "dropped_count",
     "positions",
     "resolve_implementation",
+    "stable_order",
 ]

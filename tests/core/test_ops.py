@@ -62,3 +62,17 @@ def test_combine_rows_bf16_rows_accumulate_in_f32():
     np.testing.assert_allclose(
         np.asarray(dys[:, 0], np.float32), np.asarray(w.reshape(-1)[order]), rtol=1e-2
     )
+
+
+@pytest.mark.parametrize("t,k,e", [(7, 1, 3), (33, 4, 6), (1024, 8, 256)])
+def test_sort_by_expert_is_a_stable_sort(t, k, e):
+    """Order = a stable argsort of the expert ids (inactive slots last), inv its inverse,
+    sizes the active slots per expert."""
+    rng = np.random.default_rng(t)
+    ids = jnp.asarray(rng.integers(0, e, (t, k)), jnp.int32)
+    active = jnp.asarray(rng.random((t, k)) < 0.8)
+    order, inv, sizes = jax.jit(ops.sort_by_expert, static_argnums=2)(ids, active, e)
+    keys = np.where(np.asarray(active), np.asarray(ids), e).reshape(-1)
+    np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+    np.testing.assert_array_equal(np.asarray(inv)[np.asarray(order)], np.arange(t * k))
+    np.testing.assert_array_equal(sizes, np.bincount(keys, minlength=e + 1)[:e])

@@ -384,3 +384,12 @@ class TestTritonCompiled(DispatchImplTest):
 class TestMosaicTpuCompiled(DispatchImplTest):
     implementation = "mosaic_tpu"
     interpret = False
+
+
+@pytest.mark.parametrize("n,num_keys", [(1, 1), (37, 5), (8192, 257), (300, 2**23)])
+def test_stable_order_matches_a_stable_argsort(n, num_keys):
+    """Both branches: one packed int32 key per entry, and argsort when keys * N overflows."""
+    keys = np.random.default_rng(n).integers(0, min(num_keys, 12), n).astype(np.int32)
+    got = jax.jit(dsp.stable_order, static_argnums=1)(jnp.asarray(keys), num_keys)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.argsort(keys, kind="stable"))
