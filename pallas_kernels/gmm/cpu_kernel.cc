@@ -239,7 +239,7 @@ inline void StoreTransposed(const vf (&acc)[MROWS][NV], int rows, float* c, int6
   for (int j = 0; j < NV && j * 16 < rows; ++j) {
     __m512 r[16];
     for (int i = 0; i < 16; ++i)
-      r[i] = i < MROWS ? reinterpret_cast<const __m512&>(acc[i][j]) : _mm512_setzero_ps();
+      r[i] = i < MROWS ? reinterpret_cast<__m512>(acc[i][j]) : _mm512_setzero_ps();
     Transpose16x16(r);
     const int n = std::min(16, rows - j * 16);
     for (int q = 0; q < n; ++q) _mm512_mask_storeu_ps(c + (j * 16 + q) * ldc, mask, r[q]);
@@ -252,19 +252,19 @@ inline void StoreTransposed(const vf (&acc)[MROWS][NV], int rows, float* c, int6
 }
 
 // out[r, i] = sum_p A[i, p] * B[p, r] for i < MROWS, r < rows (<= NV * kVL), A[i, p] =
-// a[i * lda + p] and B the packed [k, kNT] tile (its first NV vectors); prefetches one cache
-// line of `pf` per step when non-null.
+// a[i * lda + p] and B the packed [k, kNT] tile (its first NV vectors); prefetches the
+// `pf_lines` cache lines from `pf`, one per step.
 template <int MROWS, int NV>
 inline void MicroKernelT(int64_t k, const float* __restrict a, int64_t lda,
                          const float* __restrict b, int rows, float* __restrict c, int64_t ldc,
-                         const char* pf) {
+                         const char* pf, int64_t pf_lines) {
   vf acc[MROWS][NV];
   for (int i = 0; i < MROWS; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = vf{};
   for (int64_t p = 0; p < k; ++p) {
     vf bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = load(b + p * kNT + j * kVL);
-    if (pf != nullptr) __builtin_prefetch(pf + p * 64, 0, 2);
+    if (p < pf_lines) __builtin_prefetch(pf + p * 64, 0, 2);
     for (int i = 0; i < MROWS; ++i) {
       const float ai = a[i * lda + p];
       for (int j = 0; j < NV; ++j) acc[i][j] += ai * bv[j];
@@ -276,17 +276,17 @@ inline void MicroKernelT(int64_t k, const float* __restrict a, int64_t lda,
 // A tile of at most kVL rows (a short group's last) runs on one vector of rows.
 template <int MROWS>
 inline void MicroKernelTRows(int64_t k, const float* a, int64_t lda, const float* b, int rows,
-                             float* c, int64_t ldc, const char* pf) {
-  if (rows <= kVL) return MicroKernelT<MROWS, 1>(k, a, lda, b, rows, c, ldc, pf);
-  MicroKernelT<MROWS, kNVT>(k, a, lda, b, rows, c, ldc, pf);
+                             float* c, int64_t ldc, const char* pf, int64_t pf_lines) {
+  if (rows <= kVL) return MicroKernelT<MROWS, 1>(k, a, lda, b, rows, c, ldc, pf, pf_lines);
+  MicroKernelT<MROWS, kNVT>(k, a, lda, b, rows, c, ldc, pf, pf_lines);
 }
 
 void MicroKernelTCols(int cols, int64_t k, const float* a, int64_t lda, const float* b,
-                      int rows, float* c, int64_t ldc, const char* pf) {
+                      int rows, float* c, int64_t ldc, const char* pf, int64_t pf_lines) {
   switch (cols) {
 #define JMOE_COLS_CASE(R) \
   case R:                 \
-    return MicroKernelTRows<R>(k, a, lda, b, rows, c, ldc, pf);
+    return MicroKernelTRows<R>(k, a, lda, b, rows, c, ldc, pf, pf_lines);
     JMOE_COLS_CASE(1)
     JMOE_COLS_CASE(2)
     JMOE_COLS_CASE(3)
@@ -362,7 +362,8 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
            const std::vector<int64_t>& starts, int64_t k, int64_t n, float* y) {
   struct Item { int64_t g, r0, r1, c0, c1; };
   const int64_t tile_bytes = k * kNT * static_cast<int64_t>(sizeof(float));
-  const int64_t row_block = std::clamp<int64_t>(kPackBytesNT / tile_bytes, 1, 4) * kNT;
+  const int64_t row_block =
+      std::clamp<int64_t>(kPackBytesNT / std::max<int64_t>(tile_bytes, 1), 1, 4) * kNT;
   const int64_t col_block = kPanelsNT * kMT;
   std::vector<Item> items;
   for (size_t g = 0; g + 1 < starts.size(); ++g)
@@ -379,18 +380,27 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
       PackStrip(k, x + (it.r0 + t * kNT) * k, 1, k, 0, std::min<int64_t>(kNT, rows - t * kNT),
                 pack.data() + t * k * kNT, kNT);
     const float* wg = w + it.g * n * k;
-    const float* next_first = nullptr;  // the next item's first panel, if not this item's
-    if (nxt >= 0 && (items[nxt].g != it.g || items[nxt].c0 != it.c0))
-      next_first = w + items[nxt].g * n * k + items[nxt].c0 * k;
+    // Prefetched meanwhile: the next panel, or the next item's first one if not this item's.
+    const Item* next = nxt >= 0 && (items[nxt].g != it.g || items[nxt].c0 != it.c0)
+                           ? &items[nxt] : nullptr;
     for (int64_t c = it.c0; c < it.c1; c += kMT) {
       const float* a = wg + c * k;
-      const float* pf = c + kMT < it.c1 ? a + kMT * k : next_first;
+      const float* pf = nullptr;
+      int64_t pf_cols = 0;
+      if (c + kMT < it.c1) {
+        pf = a + kMT * k;
+        pf_cols = std::min<int64_t>(kMT, it.c1 - c - kMT);
+      } else if (next != nullptr) {
+        pf = w + next->g * n * k + next->c0 * k;
+        pf_cols = std::min<int64_t>(kMT, next->c1 - next->c0);
+      }
+      const int64_t pf_lines = (pf_cols * k * static_cast<int64_t>(sizeof(float)) + 63) / 64;
       for (int64_t t = 0; t < tiles; ++t)
         MicroKernelTCols(static_cast<int>(std::min<int64_t>(kMT, it.c1 - c)), k, a, k,
                          pack.data() + t * k * kNT,
                          static_cast<int>(std::min<int64_t>(kNT, rows - t * kNT)),
-                         y + (it.r0 + t * kNT) * n + c, n,
-                         t == 0 ? reinterpret_cast<const char*>(pf) : nullptr);
+                         y + (it.r0 + t * kNT) * n + c, n, reinterpret_cast<const char*>(pf),
+                         t == 0 ? pf_lines : 0);
     }
   });
 }

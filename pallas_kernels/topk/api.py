@@ -26,15 +26,18 @@ CPU_FFI_MAX_K = 64
 def _applies(name: str, operand, k: int, *, default: bool) -> bool:
     if name == "reference":
         return True
-    cpu_ok = jax.default_backend() == "cpu" and jnp.issubdtype(operand.dtype, jnp.floating)
+    # f32 keys: exact for floats of at most 32 bits (f64 would be rounded, so it stays with XLA).
+    dtype = jnp.dtype(operand.dtype)
+    float32_exact = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize <= 4
+    cpu_ok = jax.default_backend() == "cpu" and float32_exact
     return cpu_ok and cpu.available() and (not default or k <= CPU_FFI_MAX_K)
 
 
 def resolve_implementation(implementation: str | Sequence[str] | None, operand, k: int) -> str:
     """Picks the implementation: a name, a sequence (first that applies wins) or None.
 
-    None: ``cpu_ffi`` on CPU for float operands with k <= CPU_FFI_MAX_K when the native
-    kernel builds, else ``reference``.
+    None: ``cpu_ffi`` on CPU for float operands of at most 32 bits with k <= CPU_FFI_MAX_K
+    when the native kernel builds, else ``reference``.
 
     Raises:
       ValueError: unknown name, or none of the names applies (with the reason).
@@ -50,7 +53,7 @@ def resolve_implementation(implementation: str | Sequence[str] | None, operand, 
             return name
     raise ValueError(
         f"none of {names} applies to a {operand.dtype} operand on backend "
-        f"{jax.default_backend()!r} (cpu_ffi needs a float operand on CPU; "
+        f"{jax.default_backend()!r} (cpu_ffi needs a float operand of at most 32 bits on CPU; "
         f"native kernel: {cpu.why_unavailable() or 'available'})"
     )
 

@@ -1,7 +1,7 @@
 """Native CPU top-k: ``cpu_kernel.cc`` through the XLA FFI (f32 keys, one pass per row).
 
-Built on first use (``pallas_kernels.native``). Other float dtypes are upcast to f32, which
-keeps their order exactly.
+Built on first use (``pallas_kernels.native``). bf16 and f16 are upcast to f32, which keeps
+their order exactly (the API keeps f64 on XLA's TopK).
 """
 
 import pathlib

@@ -222,6 +222,16 @@ class TestCpuFfi(GmmTestBase):
         nt = functools.partial(self.call_gmm, transpose_rhs=True)
         _close(jax.jit(nt)(x, jnp.swapaxes(w, 1, 2), gs), reference.gmm(x, w, gs), jnp.float32)
 
+    def test_empty_contraction(self):
+        """K = 0 (and N = 0 in the forward, whose d lhs is then an NT product with K = 0)."""
+        gs = jnp.asarray([2, 2], jnp.int32)
+        nt = functools.partial(self.call_gmm, transpose_rhs=True)
+        got = jax.jit(nt)(jnp.ones((5, 0)), jnp.ones((2, 3, 0)), gs)
+        np.testing.assert_array_equal(got, np.zeros((5, 3), np.float32))
+        x, w = jnp.ones((5, 3)), jnp.ones((2, 3, 0))
+        dx = jax.grad(lambda a: jnp.sum(self.call_gmm(a, w, gs)))(x)
+        np.testing.assert_array_equal(dx, np.zeros((5, 3), np.float32))
+
     def test_vmap(self):
         x, w, _ = _inputs(40, 16, 24, 3, jnp.float32, 9)
         gs = jnp.asarray([[10, 0, 25], [40, 0, 0]], jnp.int32)

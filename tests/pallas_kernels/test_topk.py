@@ -119,6 +119,8 @@ def test_resolution():
     x = jnp.zeros((2, 100))
     assert resolve_implementation(None, x, 8) in IMPLEMENTATIONS
     assert resolve_implementation(None, x.astype(jnp.int32), 8) == "reference"
+    # f64 would be rounded to f32 keys: it stays with XLA's TopK.
+    assert resolve_implementation(None, np.zeros((2, 100), np.float64), 8) == "reference"
     assert resolve_implementation(None, x, CPU_FFI_MAX_K + 1) == "reference"
     with pytest.raises(ValueError, match="unknown top_k implementation"):
         resolve_implementation("sort", x, 8)
