@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import dispatch as dispatch_kernels
 from pallas_kernels import gmm as gmm_kernels
+from pallas_kernels import rows as rows_kernels
 from pallas_kernels import topk as topk_kernels
 
 
@@ -81,7 +82,8 @@ def combine_rows(ys_NxD, order_N, inv_TxK, w_TxK):
     """``y[t] = sum_k w[t, k] * ys[inv[t, k]]`` in fp32: unsort and weighted sum in one pass.
 
     Gradients: ``d ys[r] = w[slot] * dy[token]`` for the slot at sorted row r (a gather by the
-    permutation) and ``d w[t, k] = <ys[inv[t, k]], dy[t]>``.
+    permutation) and ``d w[t, k] = <ys[inv[t, k]], dy[t]>``, in one pass over the sorted rows
+    (``pallas_kernels.rows.combine_grad``: a native kernel on CPU).
     """
     y_TxD = ys_NxD[inv_TxK[:, 0]].astype(jnp.float32) * w_TxK[:, :1]
     for k in range(1, inv_TxK.shape[1]):
@@ -97,12 +99,8 @@ def _combine_rows_bwd(res, dy_TxD):
     ys_NxD, order_N, inv_TxK, w_TxK = res
     k = inv_TxK.shape[1]
     w_N = w_TxK.reshape(-1)[order_N]
-    dys_NxD = (w_N[:, None] * dy_TxD[order_N // k]).astype(ys_NxD.dtype)
-    dw_TxK = jnp.stack(
-        [jnp.sum(ys_NxD[inv_TxK[:, j]].astype(jnp.float32) * dy_TxD, axis=-1) for j in range(k)],
-        axis=1,
-    ).astype(w_TxK.dtype)
-    return dys_NxD, None, None, dw_TxK
+    dys_NxD, dw_N = rows_kernels.combine_grad(ys_NxD, dy_TxD, order_N // k, w_N)
+    return dys_NxD, None, None, dw_N[inv_TxK].astype(w_TxK.dtype)
 
 
 combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)

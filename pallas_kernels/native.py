@@ -38,10 +38,16 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JMOE_CACHE_DIR") or default)
 
 
+# Headers the sources share (e.g. parallel_for.h); on the include path and in the cache key.
+INCLUDE_DIR = pathlib.Path(__file__).parent
+
+
 def _build(source: pathlib.Path, cxx: str) -> pathlib.Path:
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(FLAGS).encode(), cxx.encode()):
+    headers = sorted(INCLUDE_DIR.glob("*.h"))
+    for part in (source.read_bytes(), *(h.read_bytes() for h in headers)):
         key.update(part)
+    key.update(" ".join(FLAGS).encode() + cxx.encode())
     key.update(importlib.metadata.version("jaxlib").encode() + _cpu_signature().encode())
     out = _cache_dir() / f"{source.parent.name}_{source.stem}_{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -51,7 +57,8 @@ def _build(source: pathlib.Path, cxx: str) -> pathlib.Path:
     # half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [*shlex.split(cxx), *FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
+    includes = [f"-I{INCLUDE_DIR}", f"-I{jax.ffi.include_dir()}"]
+    cmd = [*shlex.split(cxx), *FLAGS, *includes, str(source), "-o", tmp]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
