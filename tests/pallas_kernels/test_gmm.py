@@ -340,7 +340,8 @@ def test_resolution_order():
 
 
 def test_cpu_default_falls_back_without_a_compiler(tmp_path):
-    """No usable C++ compiler: the native kernel reports why and CPU uses the XLA loop."""
+    """No usable C++ compiler: the native kernels report why, CPU uses the XLA loop for gmm
+    and XLA's own ops for top-k and the combine gradient."""
     code = (
         "import jax, jax.numpy as jnp\n"
         "from pallas_kernels.gmm import cpu, gmm, resolve_implementation\n"
@@ -354,6 +355,9 @@ def test_cpu_default_falls_back_without_a_compiler(tmp_path):
         "    raise SystemExit('no error')\n"
         "except ValueError as e:\n"
         "    assert 'cpu_ffi' in str(e) and 'failed' in str(e), e\n"
+        "from pallas_kernels import rows, topk\n"
+        "assert topk.resolve_implementation(None, x, 2) == 'reference'\n"
+        "assert rows.resolve_implementation(None, (x.dtype,)) == 'reference'\n"
     )
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), JMOE_CACHE_DIR=str(tmp_path))
     env["JAX_PLATFORMS"] = "cpu"
