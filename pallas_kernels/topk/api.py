@@ -1,8 +1,8 @@
 """Public top-k API: implementation choice and argument checks.
 
-The k largest entries along the last axis, as ``jax.lax.top_k`` returns them. Only the
-indices come from a kernel; the values are gathered from the operand, so they keep its dtype
-and are differentiable with respect to it (the gradient flows to the selected entries).
+The k largest entries along the last axis, as ``jax.lax.top_k`` returns them. The native
+kernel picks only the indices; the values are gathered from the operand, so they keep its
+dtype and are differentiable with respect to it (the gradient flows to the selected entries).
 """
 
 from collections.abc import Sequence
@@ -86,6 +86,4 @@ def top_k(
     n = operand.shape[-1]
     if not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"top_k: k={k!r} must be an int with 1 <= k <= N={n}")
-    impl = resolve_implementation(implementation, operand, k)
-    ids = _MODULES[impl].top_k_indices(jax.lax.stop_gradient(operand), k)
-    return jnp.take_along_axis(operand, ids, axis=-1), ids
+    return _MODULES[resolve_implementation(implementation, operand, k)].top_k(operand, k)

@@ -21,12 +21,17 @@ available = _LIBRARY.available
 why_unavailable = _LIBRARY.why_unavailable
 
 
-def top_k_indices(operand, k: int):
-    """See ``pallas_kernels.topk.reference.top_k_indices``."""
+def top_k(operand, k: int):
+    """See ``pallas_kernels.topk.reference.top_k``.
+
+    The kernel picks the indices; the values are gathered from the operand, so they keep its
+    dtype and the gradient flows to the selected entries, as through ``jax.lax.top_k``.
+    """
     _LIBRARY.require()
     call = jax.ffi.ffi_call(
         _TARGET,
         jax.ShapeDtypeStruct((*operand.shape[:-1], k), jnp.int32),
         vmap_method="broadcast_all",
     )
-    return call(operand.astype(jnp.float32))
+    ids = call(jax.lax.stop_gradient(operand).astype(jnp.float32))
+    return jnp.take_along_axis(operand, ids, axis=-1), ids

@@ -3,9 +3,9 @@
 import jax
 
 
-def top_k_indices(operand, k: int):
-    """Indices [..., k] (int32) of the k largest entries along the last axis.
+def top_k(operand, k: int):
+    """Values and int32 indices [..., k] of the k largest entries along the last axis.
 
     Descending in the IEEE total order (+NaN first, -NaN last), equal values by index.
     """
-    return jax.lax.top_k(operand, k)[1]
+    return jax.lax.top_k(operand, k)
