@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.dispatch import reference
+from pallas_kernels.selection import first_applicable
 
 Implementation = Literal["reference", "xla", "triton", "mosaic_tpu"]
 IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
@@ -61,20 +62,12 @@ def resolve_implementation(implementation=None, interpret=False) -> str:
     """
     if implementation is None:
         implementation = _DEFAULT_FOR_BACKEND.get(jax.default_backend(), ("xla",))
-    names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
-    for name in names:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {IMPLEMENTATIONS} (or a sequence of "
-                f"them), got {name!r}"
-            )
-    for name in names:
-        if _applies(name, interpret):
-            return name
-    raise ValueError(
-        f"implementation: none of {names} applies to backend "
-        f"{jax.default_backend()!r} (interpret={interpret!r}); allowed values "
-        f"{IMPLEMENTATIONS}"
+    return first_applicable(
+        "dispatch",
+        implementation,
+        IMPLEMENTATIONS,
+        lambda name: _applies(name, interpret),
+        lambda names: f" (interpret={interpret!r})",
     )
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gmm import cpu, reference, xla
+from pallas_kernels.selection import first_applicable
 
 Implementation = Literal["reference", "xla", "cpu_ffi", "ragged_dot", "triton", "mosaic_tpu"]
 IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
@@ -70,19 +71,18 @@ def resolve_implementation(
     if implementation is None:
         defaults = _DEFAULTS.get(backend, ("xla",))
         return next((n for n in defaults if _usable(n, backend, interpret)), "xla")
-    names = [implementation] if isinstance(implementation, str) else list(implementation)
-    for name in names:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown gmm implementation {name!r}; allowed: {IMPLEMENTATIONS}")
-    for name in names:
-        if _usable(name, backend, interpret):
-            return name
-    why = "".join(
-        f"; {n}: {_UNAVAILABLE[n]()}"
-        for n in names
-        if n in _UNAVAILABLE and _runs_on(n, backend, interpret)
+
+    def why(names):
+        reasons = "".join(
+            f"; {n}: {_UNAVAILABLE[n]()}"
+            for n in names
+            if n in _UNAVAILABLE and _runs_on(n, backend, interpret)
+        )
+        return f" (interpret={interpret}){reasons}"
+
+    return first_applicable(
+        "gmm", implementation, IMPLEMENTATIONS, lambda n: _usable(n, backend, interpret), why
     )
-    raise ValueError(f"none of {names} runs on backend {backend!r} (interpret={interpret}){why}")
 
 
 def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs):

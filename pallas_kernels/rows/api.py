@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.rows import cpu, reference
+from pallas_kernels.selection import first_applicable
 
 Implementation = Literal["reference", "cpu_ffi"]
 IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
@@ -35,18 +36,14 @@ def resolve_implementation(implementation: str | Sequence[str] | None, dtypes=()
     if implementation is None:
         all_f32 = all(jnp.dtype(d) == jnp.float32 for d in dtypes)
         return "cpu_ffi" if all_f32 and _cpu_ffi_applies() else "reference"
-    names = [implementation] if isinstance(implementation, str) else list(implementation)
-    for name in names:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"unknown combine_grad implementation {name!r}; allowed: {IMPLEMENTATIONS}"
-            )
-    for name in names:
-        if name == "reference" or _cpu_ffi_applies():
-            return name
-    raise ValueError(
-        f"none of {names} runs on backend {jax.default_backend()!r} (cpu_ffi: CPU only; "
-        f"native kernel: {cpu.why_unavailable() or 'available'})"
+    return first_applicable(
+        "combine_grad",
+        implementation,
+        IMPLEMENTATIONS,
+        lambda name: name == "reference" or _cpu_ffi_applies(),
+        lambda names: (
+            f" (cpu_ffi: CPU only; native kernel: {cpu.why_unavailable() or 'available'})"
+        ),
     )
 
 

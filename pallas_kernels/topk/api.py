@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.selection import first_applicable
 from pallas_kernels.topk import cpu, reference
 
 Implementation = Literal["reference", "cpu_ffi"]
@@ -46,17 +47,15 @@ def resolve_implementation(implementation: str | Sequence[str] | None, operand, 
     """
     if implementation is None:
         return "cpu_ffi" if _applies("cpu_ffi", operand, k, default=True) else "reference"
-    names = [implementation] if isinstance(implementation, str) else list(implementation)
-    for name in names:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown top_k implementation {name!r}; allowed: {IMPLEMENTATIONS}")
-    for name in names:
-        if _applies(name, operand, k, default=False):
-            return name
-    raise ValueError(
-        f"none of {names} applies to a {operand.dtype} operand on backend "
-        f"{jax.default_backend()!r} (cpu_ffi needs a float operand of at most 32 bits on CPU; "
-        f"native kernel: {cpu.why_unavailable() or 'available'})"
+    return first_applicable(
+        "top_k",
+        implementation,
+        IMPLEMENTATIONS,
+        lambda name: _applies(name, operand, k, default=False),
+        lambda names: (
+            f" for a {operand.dtype} operand (cpu_ffi needs a float operand of at most 32 bits"
+            f" on CPU; native kernel: {cpu.why_unavailable() or 'available'})"
+        ),
     )
 
 
