@@ -68,6 +68,34 @@ inline void StoreTile(float* p, vf v) {
   store(p, MODE == kAccumulate ? load(p) + v : v);
 }
 
+// Outputs are written with non-temporal stores where every vector store can be 64-byte
+// aligned: a product's [M, N] result is written once and is larger than the caches at the
+// grouped shapes, so skipping the read-for-ownership of its lines saves a read of it from
+// memory (measured: DeepSeek-mini forward 2-10% faster, whole MoE layers 1-5%).
+inline bool Streamable(const float* out, int64_t n) {
+  return kVL == 16 && reinterpret_cast<uintptr_t>(out) % 64 == 0 && n % 16 == 0;
+}
+
+// Orders a work item's non-temporal stores before the item is reported done.
+inline void FenceStreams() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// dst[r * ldd + q] = src[r * width + q] with non-temporal stores; width % 16 == 0, dst and
+// ldd 64-byte aligned (see Streamable).
+inline void StreamRows(const float* src, int64_t rows, int64_t width, float* dst, int64_t ldd) {
+#if defined(__AVX512F__)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t q = 0; q < width; q += 16)
+      _mm512_stream_ps(dst + r * ldd + q, _mm512_loadu_ps(src + r * width + q));
+#else
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + r * ldd, src + r * width, width * sizeof(float));
+#endif
+}
+
 constexpr int64_t kPrefetchRows = 12;  // B rows ahead that the first panel of a strip prefetches
 
 // Software prefetch in the micro-kernel: none; B rows kPrefetchRows ahead (the first panel
@@ -329,10 +357,20 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
       for (int64_t c0 = 0; c0 < n; c0 += col_block)
         items.push_back({static_cast<int64_t>(g), r0, std::min(r0 + row_block, starts[g + 1]),
                          c0, std::min(c0 + col_block, n)});
+  // The item's [rows, c0:c1] block goes to a scratch buffer and then out with non-temporal
+  // stores (the transposed micro-tiles store 12-column pieces: partial lines).
+  const bool stream = Streamable(y, n);
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
-    thread_local std::vector<float> pack;
+    thread_local std::vector<float> pack, block;
     const Item& it = items[idx];
     const int64_t rows = it.r1 - it.r0, tiles = (rows + kNT - 1) / kNT;
+    float* out = y + it.r0 * n + it.c0;
+    int64_t ldo = n;
+    if (stream) {
+      ldo = it.c1 - it.c0;
+      block.resize(static_cast<size_t>(rows * ldo));
+      out = block.data();
+    }
     pack.resize(static_cast<size_t>(tiles * k * kNT));
     for (int64_t t = 0; t < tiles; ++t)
       PackStrip(k, x + (it.r0 + t * kNT) * k, 1, k, 0, std::min<int64_t>(kNT, rows - t * kNT),
@@ -357,8 +395,12 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
         MicroKernelTCols(static_cast<int>(std::min<int64_t>(kMT, it.c1 - c)), k, a, k,
                          pack.data() + t * k * kNT,
                          static_cast<int>(std::min<int64_t>(kNT, rows - t * kNT)),
-                         y + (it.r0 + t * kNT) * n + c, n, reinterpret_cast<const char*>(pf),
-                         t == 0 ? pf_lines : 0);
+                         out + t * kNT * ldo + (c - it.c0), ldo,
+                         reinterpret_cast<const char*>(pf), t == 0 ? pf_lines : 0);
+    }
+    if (stream) {
+      StreamRows(out, rows, ldo, y + it.r0 * n + it.c0, n);
+      FenceStreams();
     }
   });
 }
@@ -400,6 +442,7 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
       for (int64_t s0 = 0; s0 < strips; s0 += per_item)
         items.push_back({g, r0, std::min(r0 + kRowBlock, starts[g + 1]), s0,
                          std::min(s0 + per_item, strips)});
+  const bool stream = Streamable(y, n) && n % kNR == 0;  // full strips: whole-line stores
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
     thread_local std::vector<float> pack;
     const Item& it = items[idx];
@@ -414,9 +457,16 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
     }
     for (int64_t s = it.s0; s < it.s1; ++s) {
       const int64_t n0 = s * kNR, width = std::min<int64_t>(kNR, n - n0);
-      Strip<false, kStore>(it.r1 - it.r0, k, x + it.r0 * k, k, wg, n, n0, width, y + it.r0 * n,
-                           n, pack, &pf, pf_end);
+      const int64_t rows = it.r1 - it.r0;
+      float* out = y + it.r0 * n;
+      if (stream)
+        Strip<false, kStream>(rows, k, x + it.r0 * k, k, wg, n, n0, width, out, n, pack, &pf,
+                              pf_end);
+      else
+        Strip<false, kStore>(rows, k, x + it.r0 * k, k, wg, n, n0, width, out, n, pack, &pf,
+                             pf_end);
     }
+    if (stream) FenceStreams();
   });
   return ffi::Error::Success();
 }
@@ -438,8 +488,7 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
   const float* dy = dout.typed_data();
   float* dw = out->typed_data();
   const int64_t panel_rows = kMR * kTgmmPanels;
-  // Non-temporal stores need every vector store aligned to 64 bytes.
-  const bool stream = kVL == 16 && reinterpret_cast<uintptr_t>(dw) % 64 == 0 && n % 16 == 0;
+  const bool stream = Streamable(dw, n);
   const int64_t blocks = (k + panel_rows - 1) / panel_rows;
   ParallelFor(pool, g_count * blocks, [&](int64_t idx, int64_t) {
     thread_local std::vector<float> pack;
@@ -469,9 +518,7 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
           Strip<true, kStore>(k1 - k0, len, a, k, b, n, n0, width, c, n, pack);
       }
     }
-#if defined(__AVX512F__)
-    _mm_sfence();  // order the non-temporal stores before the item is reported done
-#endif
+    FenceStreams();
   });
   return ffi::Error::Success();
 }

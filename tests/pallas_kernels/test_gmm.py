@@ -213,6 +213,21 @@ class TestCpuFfi(GmmTestBase):
         _close(jax.jit(self.call_gmm)(x, w, gs), reference.gmm(x, w, gs), jnp.float32)
         _close(jax.jit(self.call_tgmm)(x, c, gs), reference.tgmm(x, c, gs), jnp.float32)
 
+    @pytest.mark.parametrize("n", [256, 400])
+    def test_streamed_outputs(self, n):
+        """Widths whose outputs are written with non-temporal stores: N = 256 takes the
+        forward's whole-strip path; both widths take the transposed product's per-item block
+        copy, N = 400 over several column blocks with a partial last one. Uneven and empty
+        groups, rows past the groups."""
+        m, k = 300, 40
+        sizes = [97, 0, 130, 1, 50]  # 22 rows past the groups
+        x, w, _ = _inputs(m, k, n, len(sizes), jnp.float32, 13)
+        gs = jnp.asarray(sizes, jnp.int32)
+        want = reference.gmm(x, w, gs)
+        _close(jax.jit(self.call_gmm)(x, w, gs), want, jnp.float32)
+        nt = functools.partial(self.call_gmm, transpose_rhs=True)
+        _close(jax.jit(nt)(x, jnp.swapaxes(w, 1, 2), gs), want, jnp.float32)
+
     def test_transposed_long_contraction(self):
         """The transposed product with a contraction too long for more than one packed row
         tile per work item."""
