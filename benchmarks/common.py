@@ -51,19 +51,36 @@ def machine_line() -> str:
     )
 
 
+GENERATED_BEGIN = "<!-- written by the benchmark script: begin -->"
+GENERATED_END = "<!-- written by the benchmark script: end -->"
+
+
 def write_section(title: str, body: str, path: str = os.path.join(ROOT, "BENCHMARKS.md")):
-    """Replaces (or appends) the `## title` section of BENCHMARKS.md."""
+    """Writes ``body`` as the generated block of the ``## title`` section of BENCHMARKS.md.
+
+    The block sits between ``GENERATED_BEGIN`` and ``GENERATED_END`` (HTML comments, not
+    rendered). A rerun replaces only the block: notes written after it stay. A section without
+    the markers is replaced whole; a missing section is appended.
+    """
     text = "# Benchmarks\n"
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
     head = f"## {title}\n"
-    section = head + "\n" + body.strip() + "\n"
+    block = f"{GENERATED_BEGIN}\n{body.strip()}\n{GENERATED_END}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    match = pattern.search(text)
+    if match is None:
+        text = text.rstrip() + "\n\n" + head + "\n" + block
     else:
-        text = text.rstrip() + "\n\n" + section
+        old = match.group(0)
+        if GENERATED_BEGIN in old and GENERATED_END in old:
+            start = old.index(GENERATED_BEGIN)
+            end = old.index(GENERATED_END) + len(GENERATED_END) + 1
+            new = old[:start] + block + old[end:]
+        else:
+            new = head + "\n" + block + "\n"
+        text = text[: match.start()] + new + text[match.end() :]
     with open(path, "w") as f:
         f.write(text.rstrip() + "\n")
 
