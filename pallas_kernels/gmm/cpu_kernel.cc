@@ -69,9 +69,14 @@ inline void StoreTile(float* p, vf v) {
 }
 
 // Outputs are written with non-temporal stores where every vector store can be 64-byte
-// aligned: a product's [M, N] result is written once and is larger than the caches at the
-// grouped shapes, so skipping the read-for-ownership of its lines saves a read of it from
-// memory (measured: DeepSeek-mini forward 2-10% faster, whole MoE layers 1-5%).
+// aligned (an aligned buffer with rows of a multiple of 16 floats). A product's [M, N] result
+// is written once and, at the grouped shapes, is larger than the caches, so skipping the
+// read-for-ownership of its lines saves reading it from memory first (measured: DeepSeek-mini
+// forward 2-10% faster, whole MoE layers 1-5%). gmm outputs under kStreamMinBytes keep plain
+// stores, so that a small result (a few decode tokens) stays in cache for the op that reads it
+// next (no loss was measured down to 256 KiB, either).
+constexpr int64_t kStreamMinBytes = 1 << 20;
+
 inline bool Streamable(const float* out, int64_t n) {
   return kVL == 16 && reinterpret_cast<uintptr_t>(out) % 64 == 0 && n % 16 == 0;
 }
@@ -83,8 +88,9 @@ inline void FenceStreams() {
 #endif
 }
 
-// dst[r * ldd + q] = src[r * width + q] with non-temporal stores; width % 16 == 0, dst and
-// ldd 64-byte aligned (see Streamable).
+// dst[r * ldd + q] = src[r * width + q] with non-temporal stores; dst 64-byte aligned, width
+// and ldd multiples of 16 floats (see Streamable). The copy branch serves builds without
+// AVX-512, where Streamable is false and this is not called.
 inline void StreamRows(const float* src, int64_t rows, int64_t width, float* dst, int64_t ldd) {
 #if defined(__AVX512F__)
   for (int64_t r = 0; r < rows; ++r)
@@ -345,7 +351,7 @@ void GroupStarts(const int32_t* sizes, int64_t num_groups, int64_t num_rows,
 // tiles once and runs the column panels outermost, so a panel of rhs[g] is read from memory
 // once per item and the next panel (or the next item's first one) is prefetched meanwhile.
 void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
-           const std::vector<int64_t>& starts, int64_t k, int64_t n, float* y) {
+           const std::vector<int64_t>& starts, int64_t k, int64_t n, float* y, bool stream) {
   struct Item { int64_t g, r0, r1, c0, c1; };
   const int64_t tile_bytes = k * kNT * static_cast<int64_t>(sizeof(float));
   const int64_t row_block =
@@ -357,9 +363,8 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
       for (int64_t c0 = 0; c0 < n; c0 += col_block)
         items.push_back({static_cast<int64_t>(g), r0, std::min(r0 + row_block, starts[g + 1]),
                          c0, std::min(c0 + col_block, n)});
-  // The item's [rows, c0:c1] block goes to a scratch buffer and then out with non-temporal
-  // stores (the transposed micro-tiles store 12-column pieces: partial lines).
-  const bool stream = Streamable(y, n);
+  // With `stream`, the item's [rows, c0:c1] block goes to a scratch buffer and then out with
+  // non-temporal stores (the transposed micro-tiles store 12-column pieces: partial lines).
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
     thread_local std::vector<float> pack, block;
     const Item& it = items[idx];
@@ -428,8 +433,10 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
   float* y = out->typed_data();
   if (starts[g_count] < m)
     std::memset(y + starts[g_count] * n, 0, (m - starts[g_count]) * n * sizeof(float));
+  const bool stream =
+      Streamable(y, n) && m * n * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
   if (transpose_rhs) {
-    GmmNT(pool, x, w, starts, k, n, y);
+    GmmNT(pool, x, w, starts, k, n, y, stream);
     return ffi::Error::Success();
   }
   // Items: (group, row block, strip block).
@@ -442,7 +449,6 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
       for (int64_t s0 = 0; s0 < strips; s0 += per_item)
         items.push_back({g, r0, std::min(r0 + kRowBlock, starts[g + 1]), s0,
                          std::min(s0 + per_item, strips)});
-  const bool stream = Streamable(y, n) && n % kNR == 0;  // full strips: whole-line stores
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
     thread_local std::vector<float> pack;
     const Item& it = items[idx];

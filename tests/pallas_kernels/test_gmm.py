@@ -213,14 +213,15 @@ class TestCpuFfi(GmmTestBase):
         _close(jax.jit(self.call_gmm)(x, w, gs), reference.gmm(x, w, gs), jnp.float32)
         _close(jax.jit(self.call_tgmm)(x, c, gs), reference.tgmm(x, c, gs), jnp.float32)
 
-    @pytest.mark.parametrize("n", [256, 400])
+    @pytest.mark.parametrize("n", [256, 208, 400])
     def test_streamed_outputs(self, n):
-        """Widths whose outputs are written with non-temporal stores: N = 256 takes the
-        forward's whole-strip path; both widths take the transposed product's per-item block
-        copy, N = 400 over several column blocks with a partial last one. Uneven and empty
-        groups, rows past the groups."""
-        m, k = 300, 40
-        sizes = [97, 0, 130, 1, 50]  # 22 rows past the groups
+        """Outputs of at least 1 MiB with rows of a multiple of 16 floats, which the kernel
+        writes with non-temporal stores: the forward's whole 64-column strips (N = 208 also has
+        a partial strip with plain stores) and the transposed product's per-item block copy
+        (N = 400 over several column blocks, a partial last one). Uneven and empty groups,
+        rows past the groups."""
+        m, k = 1300, 40
+        sizes = [400, 0, 700, 1, 177]  # 22 rows past the groups
         x, w, _ = _inputs(m, k, n, len(sizes), jnp.float32, 13)
         gs = jnp.asarray(sizes, jnp.int32)
         want = reference.gmm(x, w, gs)
