@@ -461,16 +461,15 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
       pf = reinterpret_cast<const char*>(w + items[nxt].g * k * n);
       pf_end = pf + k * n * sizeof(float);
     }
+    const int64_t rows = it.r1 - it.r0;
+    const float* a = x + it.r0 * k;
+    float* out = y + it.r0 * n;
     for (int64_t s = it.s0; s < it.s1; ++s) {
       const int64_t n0 = s * kNR, width = std::min<int64_t>(kNR, n - n0);
-      const int64_t rows = it.r1 - it.r0;
-      float* out = y + it.r0 * n;
       if (stream)
-        Strip<false, kStream>(rows, k, x + it.r0 * k, k, wg, n, n0, width, out, n, pack, &pf,
-                              pf_end);
+        Strip<false, kStream>(rows, k, a, k, wg, n, n0, width, out, n, pack, &pf, pf_end);
       else
-        Strip<false, kStore>(rows, k, x + it.r0 * k, k, wg, n, n0, width, out, n, pack, &pf,
-                             pf_end);
+        Strip<false, kStore>(rows, k, a, k, wg, n, n0, width, out, n, pack, &pf, pf_end);
     }
     if (stream) FenceStreams();
   });
