@@ -11,7 +11,9 @@ import jax.numpy as jnp
 from pallas_kernels.gmm import cpu, reference, xla
 from pallas_kernels.selection import first_applicable
 
-Implementation = Literal["reference", "xla", "cpu_ffi", "ragged_dot", "triton", "mosaic_tpu"]
+Implementation = Literal[
+    "reference", "xla", "cpu_ffi", "ragged_dot", "triton", "mosaic_gpu", "mosaic_tpu"
+]
 IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
 # Backends each implementation runs on when compiled (interpret mode runs anywhere).
@@ -21,11 +23,17 @@ _BACKENDS = {
     "cpu_ffi": ("cpu",),
     "ragged_dot": None,
     "triton": ("gpu", "cuda", "rocm"),
+    "mosaic_gpu": ("gpu", "cuda"),
     "mosaic_tpu": ("tpu",),
 }
 # Pallas kernels, imported only when used: implementation -> module of `gmm` and `tgmm`.
-_KERNEL_MODULES = {"triton": "pallas_kernels.gmm.gpu", "mosaic_tpu": "pallas_kernels.gmm.tpu"}
-_INTERPRETABLE = tuple(_KERNEL_MODULES)
+_KERNEL_MODULES = {
+    "triton": "pallas_kernels.gmm.gpu",
+    "mosaic_gpu": "pallas_kernels.gmm.mosaic_gpu",
+    "mosaic_tpu": "pallas_kernels.gmm.tpu",
+}
+# Mosaic GPU has no interpreter (its module runs the Triton kernel when asked to interpret).
+_INTERPRETABLE = ("triton", "mosaic_tpu")
 # Plain (non-Pallas) implementations with the same `gmm` / `tgmm` signature.
 _PLAIN_MODULES = {"reference": reference, "xla": xla, "cpu_ffi": cpu}
 # Implementations that may be missing at run time: name -> reason (None when usable).

@@ -30,7 +30,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _visit_table(group_sizes_G: jax.Array, num_rows: int, bm: int):
+def visit_table(group_sizes_G: jax.Array, num_rows: int, bm: int):
     """Group-aligned chunk schedule with a trailing zero-fill pseudo-group (id G).
 
     Returns:
@@ -245,7 +245,7 @@ def gmm(
     out_dtype = preferred_element_type or lhs_MxK.dtype
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
-    group_V, start_V, end_V = _visit_table(group_sizes_G, m, block_m)
+    group_V, start_V, end_V = visit_table(group_sizes_G, m, block_m)
     kernel = functools.partial(
         _gmm_kernel,
         bm=block_m,

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pallas_kernels.gmm import IMPLEMENTATIONS, gmm, reference, resolve_implementation, tgmm
 from pallas_kernels.gmm import cpu as gmm_cpu
 from pallas_kernels.gmm import gpu as gmm_gpu
+from pallas_kernels.gmm import mosaic_gpu as gmm_mosaic_gpu
 from pallas_kernels.gmm import tpu as gmm_tpu
 from pallas_kernels.gmm import xla as gmm_xla
 
@@ -323,6 +324,81 @@ class TestTritonCompiled(GmmTestBase):
         sizes[0] += m - 37 - sizes.sum()
         self._check_forward((m, k, n, sizes), jnp.bfloat16, False)
         self._check_forward((m, k, n, sizes), jnp.bfloat16, True)
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(problems(max_rows=600, max_groups=9), st.sampled_from([8, 64, 128]))
+def test_mosaic_gpu_visit_table_covers_every_row_once(prob, tile_m):
+    """The Hopper kernel's schedule: every row is stored by exactly one visit, with its own
+    group (G for rows past the groups), from inside the visit's block."""
+    m, _, _, sizes = prob
+    table = gmm_mosaic_gpu.block_visit_table(jnp.asarray(sizes), m, tile_m)
+    group_V, block_V, lo_V, hi_V = (np.asarray(a) for a in table)
+    g = len(sizes)
+    assert len(group_V) == -(-m // tile_m) + g + 1
+    owner = np.full(m, -1)
+    for gv, bv, lo, hi in zip(group_V, block_V, lo_V, hi_V, strict=True):
+        if gv > g:
+            continue
+        assert bv * tile_m <= lo < hi <= min(bv * tile_m + tile_m, m)
+        assert np.all(owner[lo:hi] == -1), "row stored twice"
+        owner[lo:hi] = gv
+    want = np.repeat(np.arange(g + 1), np.r_[sizes, m - sizes.sum()])
+    np.testing.assert_array_equal(owner, want)
+
+
+def _on_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90a)")
+class TestMosaicGpuCompiled(GmmTestBase):
+    """Small hypothesis shapes fall back to Triton; the tests below run the Hopper kernel."""
+
+    IMPL = "mosaic_gpu"
+
+    @settings(max_examples=12, **_SETTINGS)
+    @given(
+        st.integers(128, 1500),
+        st.sampled_from([64, 192, 512]),
+        st.sampled_from([256, 512]),
+        st.integers(1, 9),
+        st.integers(0, 2**31 - 1),
+    )
+    def test_kernel_bf16(self, m, k, n, g, seed):
+        """Uneven and empty groups, rows past the groups, M not a multiple of the tile; both
+        contractions, forward and gradients."""
+        rng = np.random.default_rng(seed)
+        sizes = rng.multinomial(rng.integers(0, m + 1), rng.dirichlet(np.ones(g) * 0.5))
+        sizes[rng.integers(g)] = 0
+        sizes = sizes.astype(np.int32)
+        for transpose_rhs in (False, True):
+            x, w, _ = _inputs(m, k, n, g, jnp.bfloat16, seed % 1000)
+            w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
+            assert gmm_mosaic_gpu.applies(x, w_arg, transpose_rhs)
+            self._check_forward((m, k, n, sizes), jnp.bfloat16, transpose_rhs, seed % 1000)
+
+    def test_kernel_gradients(self):
+        rng = np.random.default_rng(3)
+        m, k, n, g = 1000, 256, 512, 6
+        sizes = np.asarray([300, 0, 128, 1, 400, 100], np.int32)
+        x, w, c = _inputs(m, k, n, g, jnp.bfloat16, 9)
+        gs = jnp.asarray(sizes)
+        assert gmm_mosaic_gpu.applies(x, w, False) and gmm_mosaic_gpu.applies(c, w, True)
+
+        def loss(x, w):
+            return jnp.sum(self.call_gmm(x, w, gs).astype(jnp.float32) * c)
+
+        def ref_loss(x, w):
+            return jnp.sum(reference.gmm(x, w, gs) * c)
+
+        dx, dw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+        rdx, rdw = jax.grad(ref_loss, (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+        _close(dx, rdx, jnp.bfloat16)
+        _close(dw, rdw, jnp.bfloat16)
+        del rng
 
 
 def test_unknown_implementation_lists_allowed():

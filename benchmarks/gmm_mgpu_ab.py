@@ -1,0 +1,140 @@
+"""Interleaved A/B of the Mosaic-GPU (Hopper) gmm against the Triton kernel, dense and torch.
+
+Usage (on a Hopper GPU): PYTHONUNBUFFERED=1 python3 benchmarks/gmm_mgpu_ab.py --out DIR
+
+For the forward and d lhs products of each GPU shape (``benchmarks.gmm.GPU_SHAPES``,
+balanced routing): every round times every candidate once (5 calls after a warm-up), in a
+shuffled order; the table gives the median TFLOP/s over the rounds, the ratio to the Triton
+kernel, and two checks: the relative error of sampled rows against an f32 reference, and the
+relative difference of the whole output from the Triton kernel's.
+"""
+
+import argparse
+import dataclasses
+import functools
+import os
+import random
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.common import machine_line, timeit  # noqa: E402
+from benchmarks.gmm import _torch_grouped_mm  # noqa: E402
+from benchmarks.gmm_gpu_sweep import compile_all, make_problems  # noqa: E402
+from pallas_kernels.gmm import gpu, mosaic_gpu  # noqa: E402
+
+BASE = mosaic_gpu.Config()
+# Candidate configs (edit to taste): label -> Config.
+CONFIGS = {
+    "mosaic default": BASE,
+    "mosaic 3 stages": dataclasses.replace(BASE, max_concurrent_steps=3),
+    "mosaic N-minor snake": dataclasses.replace(BASE, grid_minor_dim=1),
+    "mosaic width 16": dataclasses.replace(BASE, grid_tile_width=16),
+    "mosaic release 0": dataclasses.replace(BASE, delay_release=0),
+}
+
+
+def candidates(p):
+    dx = p.kind == "dx"
+    out = [("triton", jax.jit(functools.partial(gpu.gmm, transpose_rhs=dx)), p.args())]
+    for label, cfg in CONFIGS.items():
+        f = functools.partial(
+            mosaic_gpu.gmm_kernel,
+            transpose_rhs=dx,
+            out_dtype=None,
+            cfg=cfg,
+            num_sms=mosaic_gpu.num_sms(),
+        )
+        out.append((label, jax.jit(f), p.args()))
+    out.append(("dense", jax.jit(p.dense_fn), (p.x, p.w)))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    probs = [p for p in make_problems(args.quick) if p.kind != "tgmm"]
+    cands = {id(p): candidates(p) for p in probs}
+    jobs = [((id(p), i), f, a) for p in probs for i, (_, f, a) in enumerate(cands[id(p)])]
+    exes = compile_all(jobs, workers=8)
+    checks = {}
+    for p in probs:
+        base_out = None
+        for i, (label, _, a) in enumerate(cands[id(p)]):
+            exe = exes[(id(p), i)]
+            if isinstance(exe, Exception):
+                print(f"{p.name} {p.kind} {label}: compile failed:\n{str(exe)[:3000]}", flush=True)
+                checks[(id(p), i)] = "compile failed"
+                continue
+            if label == "dense":
+                checks[(id(p), i)] = ""
+                continue
+            try:
+                out = exe(*a)
+                err = p.err(out)
+                if base_out is None:
+                    base_out, diff = out, 0.0
+                else:
+                    d = (out.astype(jnp.float32) - base_out.astype(jnp.float32)).ravel()
+                    diff = float(jnp.linalg.norm(d) / jnp.linalg.norm(base_out.astype(jnp.float32)))
+                checks[(id(p), i)] = f"{err:.1e} / {diff:.1e}"
+            except Exception as e:  # noqa: BLE001
+                print(f"{p.name} {p.kind} {label}: run failed:\n{str(e)[:3000]}", flush=True)
+                exes[(id(p), i)] = e
+                checks[(id(p), i)] = "run failed"
+        print(f"checked {p.name} {p.kind}", flush=True)
+    times = {key: [] for key in exes}
+    torch_times = {id(p): [] for p in probs}
+    rng = random.Random(0)
+    for r in range(args.rounds):
+        for p in probs:
+            order = list(range(len(cands[id(p)])))
+            rng.shuffle(order)
+            for i in order:
+                exe = exes[(id(p), i)]
+                if not isinstance(exe, Exception):
+                    times[(id(p), i)].append(timeit(exe, *cands[id(p)][i][2], repeats=1, inner=5))
+            if p.kind == "fwd":
+                try:
+                    torch_times[id(p)].append(_torch_grouped_mm(p.x, p.w, p.gs_np, 1, 5))
+                except Exception as e:  # noqa: BLE001
+                    print(f"torch failed: {e}", flush=True)
+        print(f"round {r} done", flush=True)
+    lines = [machine_line()]
+    for p in probs:
+        lines += [
+            f"\n{p.name} {p.kind}",
+            "| candidate | TFLOP/s median | min | max | vs triton | row err / diff vs triton |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        base = statistics.median(times[(id(p), 0)]) if times[(id(p), 0)] else float("nan")
+        rows = [(label, times[(id(p), i)], checks[(id(p), i)]) for i, (label, _, _) in
+                enumerate(cands[id(p)])]
+        if torch_times[id(p)]:
+            rows.append(("torch._grouped_mm", torch_times[id(p)], ""))
+        for label, ts, chk in rows:
+            if not ts:
+                lines.append(f"| {label} | failed | | | | {chk} |")
+                continue
+            tf = sorted(p.flops / t / 1e12 for t in ts)
+            med = statistics.median(ts)
+            lines.append(
+                f"| {label} | {p.flops / med / 1e12:.0f} | {tf[0]:.0f} | {tf[-1]:.0f} | "
+                f"{base / med:.3f} | {chk} |"
+            )
+    text = "\n".join(lines)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "mgpu_ab.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Pallas Mosaic-GPU grouped matmul for Hopper (sm_90a): TMA loads, wgmma, warp specialization.
+
+Schedule (same visit table as the Triton kernel, ``gpu.visit_table``): every group is cut
+into chunks of ``tile_m`` rows that start at the group's first row, plus a pseudo-group G
+for the rows past ``sum(group_sizes)``. A persistent grid (one CTA per SM) walks
+``visits x N tiles`` in a planar snake. Each CTA runs three warpgroups: one issues the TMA
+copies of a ``[tile_m, tile_k]`` lhs block and a ``[tile_k, 2 * tile_n]`` weight block into a
+ring of ``max_concurrent_steps`` shared-memory stages; two consumer warpgroups each
+accumulate a ``[tile_m, tile_n]`` half of the output tile with ``wgmma`` (f32 in registers).
+
+A chunk's lhs block is loaded from row ``min(start, M - tile_m)`` so it never leaves the
+array; the epilogue stores only the chunk's own rows with a ladder of power-of-two-row TMA
+stores (a TMA box has a static shape; any row count is a sum of powers of two). Chunks are
+group-aligned, so no two CTAs write the same output row. The zero-fill visits for rows past
+the groups run a pipeline of zero steps, so their accumulator stays zero.
+
+Requires: Hopper, 2-byte operands of one dtype, ``K % tile_k == 0``, ``N % (2 * tile_n) ==
+0`` and ``M >= tile_m`` (``applies``); ``api`` falls back to the Triton kernel otherwise.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gmm import gpu as triton_gpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiles and schedule. ``tile_m`` must be a power of two (the store ladder)."""
+
+    tile_m: int = 128
+    tile_n: int = 128  # per consumer warpgroup; the CTA tile is 2 * tile_n wide
+    tile_k: int = 64
+    max_concurrent_steps: int = 4
+    epi_tile_n: int = 64
+    grid_minor_dim: int = 0  # 0: visits vary fastest within a snake strip; 1: N tiles
+    grid_tile_width: int = 8
+    delay_release: int = 1  # wgmma groups left in flight when a stage is released
+
+
+def applies(lhs_MxK, rhs, transpose_rhs: bool, config: Config = Config()) -> bool:
+    """Whether this kernel handles the shapes, dtypes and device (else use Triton)."""
+    m, k = lhs_MxK.shape
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    devices = jax.devices()
+    hopper = devices[0].platform == "gpu" and getattr(devices[0], "compute_capability", "") in (
+        "9.0",
+    )
+    return (
+        hopper
+        and lhs_MxK.dtype == rhs.dtype
+        and jnp.dtype(lhs_MxK.dtype).itemsize == 2
+        and k % config.tile_k == 0
+        and k > 0
+        and n % (2 * config.tile_n) == 0
+        and m >= config.tile_m
+    )
+
+
+def _store_rows(o_smem, out_gmem, first_row, smem_row, rows, col, tile_m):
+    """TMA-stores ``rows`` (1..tile_m, traced) rows of ``o_smem`` from ``smem_row`` on."""
+    size = tile_m
+    while size >= 1:
+
+        @pl.when(rows & size != 0)
+        def _():
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[pl.ds(smem_row, size)],
+                out_gmem.at[pl.ds(first_row + smem_row, size), pl.ds(col, o_smem.shape[1])],
+            )
+
+        smem_row = smem_row + (rows & size)
+        size //= 2
+
+
+def block_visit_table(group_sizes_G: jax.Array, num_rows: int, tile_m: int):
+    """Visits of ``tile_m``-row blocks, one per (group, block) pair that share rows.
+
+    Pseudo-group G covers the rows past ``sum(group_sizes)`` (stored as zeros). A block that
+    holds rows of several groups is visited once per group, so there are at most
+    ``ceil(M / tile_m) + G`` live visits; the static length is one more, and dead visits have
+    group ``G + 1``.
+
+    Returns:
+      group_V, block_V, lo_V, hi_V (int32): visit v computes block ``block_V[v]`` with
+      ``rhs[group_V[v]]`` and stores rows ``[lo_V[v], hi_V[v])``.
+    """
+    num_groups = group_sizes_G.shape[0]
+    sizes_G = jnp.maximum(group_sizes_G.astype(jnp.int32), 0)
+    ends_H = jnp.minimum(jnp.cumsum(sizes_G), num_rows)
+    ends_H = jnp.concatenate([ends_H, jnp.full((1,), num_rows, jnp.int32)])  # H = G + 1
+    starts_H = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_H[:-1]])
+    first_H = starts_H // tile_m
+    blocks_H = jnp.where(ends_H > starts_H, (ends_H - 1) // tile_m - first_H + 1, 0)
+    cum_H = jnp.cumsum(blocks_H)
+    v_V = jnp.arange(-(-num_rows // tile_m) + num_groups + 1, dtype=jnp.int32)
+    h_V = jnp.searchsorted(cum_H, v_V, side="right", method="compare_all").astype(jnp.int32)
+    live_V = h_V <= num_groups
+    safe_V = jnp.minimum(h_V, num_groups)
+    block_V = first_H[safe_V] + v_V - (cum_H[safe_V] - blocks_H[safe_V])
+    lo_V = jnp.where(live_V, jnp.maximum(starts_H[safe_V], block_V * tile_m), 0)
+    hi_V = jnp.where(live_V, jnp.minimum(ends_H[safe_V], block_V * tile_m + tile_m), 0)
+    return jnp.where(live_V, h_V, num_groups + 1), jnp.where(live_V, block_V, 0), lo_V, hi_V
+
+
+def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, transpose_rhs):
+    k = lhs_gmem.shape[1]
+    num_groups = rhs_gmem.shape[0]
+    n = out_gmem.shape[1]
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    cta_n = 2 * tn
+    k_iters, n_iters, num_visits = k // tk, n // cta_n, group_V.shape[0]
+    stages = min(cfg.max_concurrent_steps, k_iters)
+    itemsize = jnp.dtype(lhs_gmem.dtype).itemsize
+    swizzle = plgpu.find_swizzle(tk * itemsize * 8)
+    transforms = (
+        plgpu.TilingTransform((8, swizzle // itemsize)),
+        plgpu.SwizzleTransform(swizzle),
+    )
+
+    def pipeline(body, context, steps, block=0):
+        # Block indices: the lhs map is absolute (the row block); the weight maps are
+        # relative to the weight slice of the visit's group and N tile.
+        rhs_spec = plgpu.BlockSpec(
+            (cta_n, tk) if transpose_rhs else (tk, cta_n),
+            (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0)),
+            transforms=transforms,
+            delay_release=cfg.delay_release,
+        )
+        lhs_spec = plgpu.BlockSpec(
+            (tm, tk), lambda kk: (block, kk), transforms=transforms, delay_release=cfg.delay_release
+        )
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(steps,),
+            memory_registers=40,
+            in_specs=[lhs_spec, rhs_spec],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=stages,
+            compute_context=context,
+        )
+
+    def rhs_slice(g, ni):
+        cols = pl.ds(ni * cta_n, cta_n)
+        return rhs_gmem.at[g, cols, :] if transpose_rhs else rhs_gmem.at[g, :, cols]
+
+    ignore = lambda *_, **__: None  # noqa: E731
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore, k_iters).get_allocations(lhs_gmem, rhs_slice(0, 0)),
+        o_smem=plgpu.SMEM((2, tm, cfg.epi_tile_n), out_gmem.dtype),
+        collective_axes="wg",
+    )
+    def _scope(allocs, o_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((num_visits * n_iters,), collective_axes="sm")
+        def _visit(info):
+            v, ni = plgpu.planar_snake(
+                info.index[0], (num_visits, n_iters), cfg.grid_minor_dim, cfg.grid_tile_width
+            )
+            g, block, lo, hi = group_V[v], block_V[v], lo_V[v], hi_V[v]
+
+            @pl.when(g <= num_groups)
+            def _live():
+                # Zero-fill visits (g == G) run no steps: their accumulator stays zero.
+                steps = jnp.where(g < num_groups, k_iters, 0)
+
+                def context(run):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+                    def _acc(acc_ref):
+                        run(acc_ref)
+                        acc = acc_ref[...].astype(out_gmem.dtype)
+                        for c in range(tn // cfg.epi_tile_n):
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            o_smem[wg] = acc[:, c * cfg.epi_tile_n : (c + 1) * cfg.epi_tile_n]
+                            plgpu.commit_smem()
+                            col = ni * cta_n + wg * tn + c * cfg.epi_tile_n
+                            first = block * tm
+                            _store_rows(o_smem.at[wg], out_gmem, first, lo - first, hi - lo, col, tm)
+
+                def mma(_, a_smem, b_smem, acc_ref):
+                    if transpose_rhs:
+                        b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+                    else:
+                        b = b_smem.at[:, pl.ds(wg * tn, tn)]
+                    plgpu.wgmma(acc_ref, a_smem, b)
+                    plgpu.wgmma_wait(cfg.delay_release)
+                    return acc_ref
+
+                g_safe = jnp.minimum(g, num_groups - 1)
+                pipeline(mma, context, steps, block)(
+                    lhs_gmem, rhs_slice(g_safe, ni), allocations=allocs
+                )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def num_sms() -> int:
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) or 132
+
+
+def gmm(
+    lhs_MxK: jax.Array,
+    rhs_GxKxN: jax.Array,
+    group_sizes_G: jax.Array,
+    *,
+    transpose_rhs: bool = False,
+    preferred_element_type=None,
+    interpret: bool = False,
+    config: Config | None = None,
+) -> jax.Array:
+    """Grouped matmul ``out[m] = lhs[m] @ rhs[group(m)]`` (Hopper kernel; Triton otherwise).
+
+    Args:
+      lhs_MxK: rows sorted by group.
+      rhs_GxKxN: weights (``[G, N, K]`` if ``transpose_rhs``).
+      group_sizes_G: int32 rows per group; rows past the sum come out zero.
+      transpose_rhs: contract with the last axis of ``rhs``.
+      preferred_element_type: output dtype (default ``lhs.dtype``).
+      interpret: Mosaic GPU has no interpreter: interpret mode runs the Triton kernel.
+      config: tiles and schedule (default ``Config()``).
+
+    Returns:
+      ``[M, N]``.
+    """
+    cfg = config or Config()
+    if interpret or not applies(lhs_MxK, rhs_GxKxN, transpose_rhs, cfg):
+        return triton_gpu.gmm(
+            lhs_MxK,
+            rhs_GxKxN,
+            group_sizes_G,
+            transpose_rhs=transpose_rhs,
+            preferred_element_type=preferred_element_type,
+            interpret=interpret,
+        )
+    return gmm_kernel(
+        lhs_MxK, rhs_GxKxN, group_sizes_G, transpose_rhs, preferred_element_type, cfg, num_sms()
+    )
+
+
+def gmm_kernel(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype, cfg, num_sms):
+    """The Mosaic-GPU kernel itself, without the shape check (lowerable off-GPU)."""
+    m = lhs_MxK.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    out_dtype = out_dtype or lhs_MxK.dtype
+    table = block_visit_table(group_sizes_G, m, cfg.tile_m)
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
+        ),
+    )
+    return kernel(*table, lhs_MxK, rhs)
+
+
+def tgmm(lhs_MxK, dout_MxN, group_sizes_G, **kwargs):
+    """The weight-gradient product: the Triton kernel (no Mosaic-GPU tgmm yet)."""
+    return triton_gpu.tgmm(lhs_MxK, dout_MxN, group_sizes_G, **kwargs)
