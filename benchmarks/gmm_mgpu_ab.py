@@ -115,8 +115,10 @@ def main():
             "| --- | --- | --- | --- | --- | --- |",
         ]
         base = statistics.median(times[(id(p), 0)]) if times[(id(p), 0)] else float("nan")
-        rows = [(label, times[(id(p), i)], checks[(id(p), i)]) for i, (label, _, _) in
-                enumerate(cands[id(p)])]
+        rows = [
+            (label, times[(id(p), i)], checks[(id(p), i)])
+            for i, (label, _, _) in enumerate(cands[id(p)])
+        ]
         if torch_times[id(p)]:
             rows.append(("torch._grouped_mm", torch_times[id(p)], ""))
         for label, ts, chk in rows:

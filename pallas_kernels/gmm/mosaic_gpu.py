@@ -65,16 +65,15 @@ def applies(lhs_MxK, rhs, transpose_rhs: bool, config: Config = Config()) -> boo
 
 def _store_rows(o_smem, out_gmem, first_row, smem_row, rows, col, tile_m):
     """TMA-stores ``rows`` (1..tile_m, traced) rows of ``o_smem`` from ``smem_row`` on."""
+
+    def store(size, row):
+        src = o_smem.at[pl.ds(row, size)]
+        dst = out_gmem.at[pl.ds(first_row + row, size), pl.ds(col, o_smem.shape[1])]
+        pl.when(rows & size != 0)(lambda: plgpu.copy_smem_to_gmem(src, dst))
+
     size = tile_m
     while size >= 1:
-
-        @pl.when(rows & size != 0)
-        def _():
-            plgpu.copy_smem_to_gmem(
-                o_smem.at[pl.ds(smem_row, size)],
-                out_gmem.at[pl.ds(first_row + smem_row, size), pl.ds(col, o_smem.shape[1])],
-            )
-
+        store(size, smem_row)
         smem_row = smem_row + (rows & size)
         size //= 2
 
@@ -185,7 +184,8 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
                             plgpu.commit_smem()
                             col = ni * cta_n + wg * tn + c * cfg.epi_tile_n
                             first = block * tm
-                            _store_rows(o_smem.at[wg], out_gmem, first, lo - first, hi - lo, col, tm)
+                            rows = (lo - first, hi - lo)
+                            _store_rows(o_smem.at[wg], out_gmem, first, *rows, col, tm)
 
                 def mma(_, a_smem, b_smem, acc_ref):
                     if transpose_rhs:
@@ -261,9 +261,7 @@ def gmm_kernel(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype, cfg, num_s
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
-        ),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
     return kernel(*table, lhs_MxK, rhs)
 
