@@ -31,10 +31,13 @@ BASE = mosaic_gpu.Config()
 # Candidate configs (edit to taste): label -> Config.
 CONFIGS = {
     "mosaic default": BASE,
-    "mosaic 3 stages": dataclasses.replace(BASE, max_concurrent_steps=3),
-    "mosaic N-minor snake": dataclasses.replace(BASE, grid_minor_dim=1),
-    "mosaic width 16": dataclasses.replace(BASE, grid_tile_width=16),
     "mosaic release 0": dataclasses.replace(BASE, delay_release=0),
+    "mosaic width 4": dataclasses.replace(BASE, grid_tile_width=4),
+    "mosaic M split": dataclasses.replace(BASE, wg_split="m"),
+    "mosaic M split release 0": dataclasses.replace(BASE, wg_split="m", delay_release=0),
+    "mosaic M split width 4": dataclasses.replace(BASE, wg_split="m", grid_tile_width=4),
+    "mosaic epi 128, 3 stages": dataclasses.replace(BASE, epi_tile_n=128, max_concurrent_steps=3),
+    "mosaic tile_k 128, 2 stages": dataclasses.replace(BASE, tile_k=128, max_concurrent_steps=2),
 }
 
 

@@ -42,6 +42,15 @@ class Config:
     grid_minor_dim: int = 0  # 0: visits vary fastest within a snake strip; 1: N tiles
     grid_tile_width: int = 8
     delay_release: int = 1  # wgmma groups left in flight when a stage is released
+    wg_split: str = "n"  # the two consumer warpgroups split the CTA tile along N or M
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (2 if self.wg_split == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (2 if self.wg_split == "n" else 1)
 
 
 def applies(lhs_MxK, rhs, transpose_rhs: bool, config: Config = Config()) -> bool:
@@ -58,8 +67,8 @@ def applies(lhs_MxK, rhs, transpose_rhs: bool, config: Config = Config()) -> boo
         and jnp.dtype(lhs_MxK.dtype).itemsize == 2
         and k % config.tile_k == 0
         and k > 0
-        and n % (2 * config.tile_n) == 0
-        and m >= config.tile_m
+        and n % config.cta_n == 0
+        and m >= config.cta_m
     )
 
 
@@ -113,7 +122,7 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
     num_groups = rhs_gmem.shape[0]
     n = out_gmem.shape[1]
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
-    cta_n = 2 * tn
+    cta_m, cta_n, split_m = cfg.cta_m, cfg.cta_n, cfg.wg_split == "m"
     k_iters, n_iters, num_visits = k // tk, n // cta_n, group_V.shape[0]
     stages = min(cfg.max_concurrent_steps, k_iters)
     itemsize = jnp.dtype(lhs_gmem.dtype).itemsize
@@ -133,7 +142,10 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
             delay_release=cfg.delay_release,
         )
         lhs_spec = plgpu.BlockSpec(
-            (tm, tk), lambda kk: (block, kk), transforms=transforms, delay_release=cfg.delay_release
+            (cta_m, tk),
+            lambda kk: (block, kk),
+            transforms=transforms,
+            delay_release=cfg.delay_release,
         )
         return plgpu.emit_pipeline_warp_specialized(
             body,
@@ -178,17 +190,23 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
                     def _acc(acc_ref):
                         run(acc_ref)
                         acc = acc_ref[...].astype(out_gmem.dtype)
+                        # This warpgroup's rows [first, first + tm) and columns.
+                        first = block * cta_m + (wg * tm if split_m else 0)
+                        r_lo, r_hi = jnp.maximum(lo, first), jnp.minimum(hi, first + tm)
+                        rows = (r_lo - first, jnp.maximum(r_hi - r_lo, 0))
+                        col0 = ni * cta_n + (0 if split_m else wg * tn)
                         for c in range(tn // cfg.epi_tile_n):
                             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                             o_smem[wg] = acc[:, c * cfg.epi_tile_n : (c + 1) * cfg.epi_tile_n]
                             plgpu.commit_smem()
-                            col = ni * cta_n + wg * tn + c * cfg.epi_tile_n
-                            first = block * tm
-                            rows = (lo - first, hi - lo)
+                            col = col0 + c * cfg.epi_tile_n
                             _store_rows(o_smem.at[wg], out_gmem, first, *rows, col, tm)
 
                 def mma(_, a_smem, b_smem, acc_ref):
-                    if transpose_rhs:
+                    if split_m:
+                        a_smem = a_smem.at[pl.ds(wg * tm, tm)]
+                        b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
+                    elif transpose_rhs:
                         b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
                     else:
                         b = b_smem.at[:, pl.ds(wg * tn, tn)]
@@ -253,7 +271,7 @@ def gmm_kernel(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype, cfg, num_s
     m = lhs_MxK.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = out_dtype or lhs_MxK.dtype
-    table = block_visit_table(group_sizes_G, m, cfg.tile_m)
+    table = block_visit_table(group_sizes_G, m, cfg.cta_m)
     kernel = plgpu.kernel(
         functools.partial(_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),

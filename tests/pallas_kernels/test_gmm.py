@@ -53,6 +53,10 @@ def _close(got, want, dtype):
     want = np.asarray(jnp.asarray(want, jnp.float32))
     assert np.all(np.isfinite(got)), "non-finite output"
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    if dtype == jnp.float32 and jax.default_backend() == "gpu":
+        # f32 dots on the GPU's tensor cores round operands to TF32 (jnp.dot's default
+        # precision there), in the kernels and in the XLA reference alike.
+        tol = 5e-3
     scale = max(1.0, float(np.abs(want).max(initial=0.0)))
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
 
@@ -381,7 +385,6 @@ class TestMosaicGpuCompiled(GmmTestBase):
             self._check_forward((m, k, n, sizes), jnp.bfloat16, transpose_rhs, seed % 1000)
 
     def test_kernel_gradients(self):
-        rng = np.random.default_rng(3)
         m, k, n, g = 1000, 256, 512, 6
         sizes = np.asarray([300, 0, 128, 1, 400, 100], np.int32)
         x, w, c = _inputs(m, k, n, g, jnp.bfloat16, 9)
@@ -398,7 +401,6 @@ class TestMosaicGpuCompiled(GmmTestBase):
         rdx, rdw = jax.grad(ref_loss, (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
         _close(dx, rdx, jnp.bfloat16)
         _close(dw, rdw, jnp.bfloat16)
-        del rng
 
 
 def test_unknown_implementation_lists_allowed():
