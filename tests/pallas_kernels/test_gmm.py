@@ -365,7 +365,7 @@ class TestMosaicGpuCompiled(GmmTestBase):
 
     @settings(max_examples=12, **_SETTINGS)
     @given(
-        st.integers(128, 1500),
+        st.integers(256, 1500),
         st.sampled_from([64, 192, 512]),
         st.sampled_from([256, 512]),
         st.integers(1, 9),
@@ -383,6 +383,12 @@ class TestMosaicGpuCompiled(GmmTestBase):
             w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
             assert gmm_mosaic_gpu.applies(x, w_arg, transpose_rhs)
             self._check_forward((m, k, n, sizes), jnp.bfloat16, transpose_rhs, seed % 1000)
+            # The other split of the CTA tile (256-row blocks) must agree too.
+            cfg = gmm_mosaic_gpu.Config(wg_split="m")
+            gs = jnp.asarray(sizes)
+            got = gmm_mosaic_gpu.gmm(x, w_arg, gs, transpose_rhs=transpose_rhs, config=cfg)
+            _close(got, reference.gmm(x.astype(jnp.float32), w.astype(jnp.float32), gs), x.dtype)
+            assert np.all(np.asarray(got[int(sizes.sum()) :]) == 0)
 
     def test_kernel_gradients(self):
         m, k, n, g = 1000, 256, 512, 6
