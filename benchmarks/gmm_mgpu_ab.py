@@ -33,15 +33,37 @@ CONFIGS = {
     "mosaic default": BASE,
     "mosaic release 0": dataclasses.replace(BASE, delay_release=0),
     "mosaic width 4": dataclasses.replace(BASE, grid_tile_width=4),
-    "mosaic M split": dataclasses.replace(BASE, wg_split="m"),
-    "mosaic M split release 0": dataclasses.replace(BASE, wg_split="m", delay_release=0),
-    "mosaic M split width 4": dataclasses.replace(BASE, wg_split="m", grid_tile_width=4),
-    "mosaic epi 128, 3 stages": dataclasses.replace(BASE, epi_tile_n=128, max_concurrent_steps=3),
-    "mosaic tile_k 128, 2 stages": dataclasses.replace(BASE, tile_k=128, max_concurrent_steps=2),
+    "mosaic width 2": dataclasses.replace(BASE, grid_tile_width=2),
+    "mosaic release 0 width 4": dataclasses.replace(BASE, delay_release=0, grid_tile_width=4),
 }
+# JAX's own Mosaic-GPU transposed ragged dot (the tgmm product): (block_m, block_n, block_k,
+# max_concurrent_steps, grid_block_n); its M/N are our K/N, its ragged K our rows.
+TGMM_MGPU = [(128, 128, 64, 4, 1), (128, 128, 64, 4, 4), (128, 256, 64, 3, 1)]
+
+
+def _tgmm_mgpu(x, dy, gs, cfg):
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
+
+    bm, bn, bk, steps, gbn = cfg
+    return trd.transposed_ragged_dot(
+        x,
+        dy,
+        group_sizes=gs,
+        block_m=bm,
+        block_n=bn,
+        block_k=bk,
+        max_concurrent_steps=steps,
+        grid_block_n=gbn,
+    )
 
 
 def candidates(p):
+    if p.kind == "tgmm":
+        out = [("triton tgmm", jax.jit(gpu.tgmm), p.args())]
+        for cfg in TGMM_MGPU:
+            f = jax.jit(functools.partial(_tgmm_mgpu, cfg=cfg))
+            out.append((f"jax transposed_ragged_dot_mgpu {cfg}", f, p.args()))
+        return out
     dx = p.kind == "dx"
     out = [("triton", jax.jit(functools.partial(gpu.gmm, transpose_rhs=dx)), p.args())]
     for label, cfg in CONFIGS.items():
@@ -63,7 +85,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    probs = [p for p in make_problems(args.quick) if p.kind != "tgmm"]
+    probs = make_problems(args.quick)
     cands = {id(p): candidates(p) for p in probs}
     jobs = [((id(p), i), f, a) for p in probs for i, (_, f, a) in enumerate(cands[id(p)])]
     exes = compile_all(jobs, workers=8)

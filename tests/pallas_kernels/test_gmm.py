@@ -363,7 +363,7 @@ class TestMosaicGpuCompiled(GmmTestBase):
 
     IMPL = "mosaic_gpu"
 
-    @settings(max_examples=12, **_SETTINGS)
+    @settings(max_examples=6, **_SETTINGS)
     @given(
         st.integers(256, 1500),
         st.sampled_from([64, 192, 512]),
