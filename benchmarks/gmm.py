@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/gmm.py [--quick] [--write BENCHMARKS.md]
-  python benchmarks/gmm.py --gpu [--quick] [--sweep] [--out results.md]
+  python benchmarks/gmm.py --gpu [--quick] [--out results.md]
 
 All columns of a table are measured side by side in one run (medians over repeats).
 """
@@ -205,30 +205,23 @@ def _mgpu_time(x, w, gs, n):
     return None
 
 
-def _ours_best(name, x, w, gs, sizes, configs):
-    """(seconds, config) of the fastest config that passes a row-slice check, else (None, None)."""
-    from pallas_kernels.gmm import gpu
-
+def _ours_time(name, x, w, gs, sizes, impl):
+    """Seconds of ``api.gmm(implementation=impl)`` if it passes a row-slice check, else None."""
     # Rows [a, b) of the last non-empty group (crosses no boundary) vs an f32 reference.
     last = int(np.nonzero(sizes)[0][-1])
     b_row = int(sizes[: last + 1].sum())
     a_row = max(int(sizes[:last].sum()), b_row - 256)
     want = jnp.dot(x[a_row:b_row].astype(jnp.float32), w[last].astype(jnp.float32))
-    flops = 2 * x.shape[0] * x.shape[1] * w.shape[2]
-    best = (None, None)
-    for cfg in configs:
-        f = jax.jit(functools.partial(gpu.gmm, **dict(zip(gpu.GMM_KEYS, cfg, strict=True))))
-        try:
-            got = f(x, w, gs)[a_row:b_row].astype(jnp.float32)
-            err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-            t = _gpu_time(f, x, w, gs)
-        except Exception as e:  # noqa: BLE001
-            print(f"{name} cfg {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        print(f"{name} cfg {cfg}: {flops / t / 1e12:.0f} TFLOP/s rel err {err:.1e}", flush=True)
-        if err < 2e-2 and (best[0] is None or t < best[0]):
-            best = (t, cfg)
-    return best
+    f = jax.jit(functools.partial(api.gmm, implementation=impl))
+    try:
+        got = f(x, w, gs)[a_row:b_row].astype(jnp.float32)
+        err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        t = _gpu_time(f, x, w, gs)
+    except Exception as e:  # noqa: BLE001
+        print(f"{name} {impl} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+    print(f"{name} {impl}: {2 * x.size * w.shape[2] / t / 1e12:.0f} TFLOP/s err {err:.1e}")
+    return t if err < 2e-2 else None
 
 
 def _fwd_bwd_times(x, w, gs, c):
@@ -238,7 +231,7 @@ def _fwd_bwd_times(x, w, gs, c):
         jax.grad(lambda x_, w_, c_: jnp.sum(jnp.square(f(x_, w_).astype(jnp.float32)) * c_), (0, 1))
     )
     try:
-        fb = loss(lambda x_, w_, gs=gs: api.gmm(x_, w_, gs, implementation="triton"))
+        fb = loss(lambda x_, w_, gs=gs: api.gmm(x_, w_, gs))
         t_fb = _gpu_time(fb, x, w, c, repeats=3, inner=2)
     except Exception as e:  # noqa: BLE001
         print(f"fwd+bwd failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -248,17 +241,16 @@ def _fwd_bwd_times(x, w, gs, c):
     return t_fb, t_dfb
 
 
-def gpu_table(quick: bool, sweep: bool) -> str:
-    from pallas_kernels.gmm import gpu
-
+def gpu_table(quick: bool) -> str:
     shapes = GPU_SHAPES
     if quick:
         shapes = {k: (m // 8, kk // 2, n // 2, g) for k, (m, kk, n, g) in GPU_SHAPES.items()}
     routing = "balanced"
+    default = api.resolve_implementation(None)
     rows = [
-        "| shape (M,K,N,G) | routing | ours fwd TFLOP/s | config | dense | ragged_dot | "
-        "ragged_dot_mgpu | torch._grouped_mm | ours/dense | ours/torch | ours fwd+bwd TFLOP/s | "
-        "dense fwd+bwd | fwd+bwd ours/dense |",
+        f"| shape (M,K,N,G) | routing | ours fwd TFLOP/s ({default}) | triton | dense | "
+        "ragged_dot | ragged_dot_mgpu | torch._grouped_mm | ours/dense | ours/torch | "
+        "ours fwd+bwd TFLOP/s | dense fwd+bwd | fwd+bwd ours/dense |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     rkey = jax.random.PRNGKey(0)
@@ -271,12 +263,8 @@ def gpu_table(quick: bool, sweep: bool) -> str:
         gs = jnp.asarray(sizes)
         flops = 2 * m * k * n
         tf = lambda t, flops=flops: f"{flops / t / 1e12:.0f}" if t else "n/a"
-        # The API default for this shape first; --sweep adds last session's default and others.
-        default = tuple(gpu.gmm_config(m, k, n, g)[key] for key in gpu.GMM_KEYS)
-        configs = [default]
-        if sweep:
-            configs += [(128, 256, 64, 8, 8, 3), (128, 256, 64, 4, 8, 3), (128, 128, 64, 8, 4, 4)]
-        t_ours, cfg = _ours_best(name, x, w, gs, sizes, list(dict.fromkeys(configs)))
+        t_ours = _ours_time(name, x, w, gs, sizes, None)
+        t_triton = _ours_time(name, x, w, gs, sizes, "triton")
         t_dense = _gpu_time(jax.jit(jnp.dot), x, w[0])
         try:
             if g * m * k * 2 > 40 * 2**30:  # XLA's dense rewrite needs a [G, M, K] operand
@@ -296,7 +284,8 @@ def gpu_table(quick: bool, sweep: bool) -> str:
         tf3 = lambda t, flops=flops: f"{3 * flops / t / 1e12:.0f}" if t else "n/a"
         ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
         rows.append(
-            f"| {name} ({m},{k},{n},{g}) | {routing} | {tf(t_ours)} | {cfg} | {tf(t_dense)} | "
+            f"| {name} ({m},{k},{n},{g}) | {routing} | {tf(t_ours)} | {tf(t_triton)} | "
+            f"{tf(t_dense)} | "
             f"{tf(t_rd)} | {tf(t_mgpu)} | {tf(t_torch)} | {ratio(t_dense, t_ours)} | "
             f"{ratio(t_torch, t_ours)} | {tf3(t_fb)} | {tf3(t_dfb)} | {ratio(t_dfb, t_fb)} |"
         )
@@ -313,12 +302,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="GPU: try several Triton configs")
     parser.add_argument("--out", default=None, help="write the table (markdown) to this file")
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep")
     args = parser.parse_args()
     if args.gpu:
-        table = gpu_table(args.quick, args.sweep)
+        table = gpu_table(args.quick)
         text = header("bf16 in, f32 accumulate, TFLOP/s of the forward gmm (2*M*K*N)") + table
     else:
         note = set_malloc(args.malloc)

@@ -41,8 +41,9 @@ _UNAVAILABLE = {"cpu_ffi": cpu.why_unavailable}
 # Backend -> implementations in order of preference; the first that is usable is the default.
 _DEFAULTS = {
     "cpu": ("cpu_ffi", "xla"),
-    "gpu": ("triton",),
-    "cuda": ("triton",),
+    # mosaic_gpu runs its Hopper kernel where it applies and the Triton kernel elsewhere.
+    "gpu": ("mosaic_gpu", "triton"),
+    "cuda": ("mosaic_gpu", "triton"),
     "rocm": ("triton",),
     "tpu": ("mosaic_tpu",),
 }

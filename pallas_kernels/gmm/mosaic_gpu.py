@@ -53,6 +53,17 @@ class Config:
         return self.tile_n * (2 if self.wg_split == "n" else 1)
 
 
+def default_config(m: int, num_groups: int) -> Config:
+    """Schedule used when the caller passes none (H100, bf16; BENCHMARKS.md, gmm, GPU).
+
+    Short groups (at most 256 rows per group on average, e.g. DeepSeek-V3's 256 experts)
+    stream their weights from DRAM: snake strips of 2 visits keep the two blocks of a group
+    (which share a weight tile) together (567 vs 553 TFLOP/s forward, 569 vs 550 d lhs, one
+    interleaved run); elsewhere strips of 8 (Mixtral-8x7B forward 744 vs 615 at width 2).
+    """
+    return Config(grid_tile_width=2 if m <= 256 * num_groups else 8)
+
+
 def applies(lhs_MxK, rhs, transpose_rhs: bool, config: Config = Config()) -> bool:
     """Whether this kernel handles the shapes, dtypes and device (else use Triton)."""
     m, k = lhs_MxK.shape
@@ -246,12 +257,12 @@ def gmm(
       transpose_rhs: contract with the last axis of ``rhs``.
       preferred_element_type: output dtype (default ``lhs.dtype``).
       interpret: Mosaic GPU has no interpreter: interpret mode runs the Triton kernel.
-      config: tiles and schedule (default ``Config()``).
+      config: tiles and schedule (default ``default_config(M, G)``).
 
     Returns:
       ``[M, N]``.
     """
-    cfg = config or Config()
+    cfg = config or default_config(lhs_MxK.shape[0], rhs_GxKxN.shape[0])
     if interpret or not applies(lhs_MxK, rhs_GxKxN, transpose_rhs, cfg):
         return triton_gpu.gmm(
             lhs_MxK,
