@@ -15,7 +15,7 @@ group-aligned, so no two CTAs write the same output row. The zero-fill visits fo
 the groups run a pipeline of zero steps, so their accumulator stays zero.
 
 Requires: Hopper, 2-byte operands of one dtype, ``K % tile_k == 0``, ``N % (2 * tile_n) ==
-0`` and ``M >= tile_m`` (``applies``); ``api`` falls back to the Triton kernel otherwise.
+0``, ``M >= tile_m`` and ``M % 8 == 0`` (``applies``); ``api`` falls back to the Triton kernel otherwise.
 """
 
 import dataclasses
@@ -80,6 +80,7 @@ def applies(lhs_MxK, rhs, transpose_rhs: bool, config: Config = Config()) -> boo
         and k > 0
         and n % config.cta_n == 0
         and m >= config.cta_m
+        and m % 8 == 0  # the TMA tiling of lhs and out rows
     )
 
 
@@ -136,6 +137,7 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
     cta_m, cta_n, split_m = cfg.cta_m, cfg.cta_n, cfg.wg_split == "m"
     k_iters, n_iters, num_visits = k // tk, n // cta_n, group_V.shape[0]
     stages = min(cfg.max_concurrent_steps, k_iters)
+    delay = min(cfg.delay_release, stages - 1)  # a stage can be held only if another exists
     itemsize = jnp.dtype(lhs_gmem.dtype).itemsize
     swizzle = plgpu.find_swizzle(tk * itemsize * 8)
     transforms = (
@@ -150,13 +152,13 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
             (cta_n, tk) if transpose_rhs else (tk, cta_n),
             (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0)),
             transforms=transforms,
-            delay_release=cfg.delay_release,
+            delay_release=delay,
         )
         lhs_spec = plgpu.BlockSpec(
             (cta_m, tk),
             lambda kk: (block, kk),
             transforms=transforms,
-            delay_release=cfg.delay_release,
+            delay_release=delay,
         )
         return plgpu.emit_pipeline_warp_specialized(
             body,
@@ -222,7 +224,7 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
                     else:
                         b = b_smem.at[:, pl.ds(wg * tn, tn)]
                     plgpu.wgmma(acc_ref, a_smem, b)
-                    plgpu.wgmma_wait(cfg.delay_release)
+                    plgpu.wgmma_wait(delay)
                     return acc_ref
 
                 g_safe = jnp.minimum(g, num_groups - 1)
