@@ -32,8 +32,7 @@ _KERNEL_MODULES = {
     "mosaic_gpu": "pallas_kernels.gmm.mosaic_gpu",
     "mosaic_tpu": "pallas_kernels.gmm.tpu",
 }
-# Mosaic GPU has no interpreter (its module runs the Triton kernel when asked to interpret).
-_INTERPRETABLE = ("triton", "mosaic_tpu")
+_INTERPRETABLE = tuple(_KERNEL_MODULES)
 # Plain (non-Pallas) implementations with the same `gmm` / `tgmm` signature.
 _PLAIN_MODULES = {"reference": reference, "xla": xla, "cpu_ffi": cpu}
 # Implementations that may be missing at run time: name -> reason (None when usable).

@@ -14,8 +14,9 @@ stores (a TMA box has a static shape; any row count is a sum of powers of two). 
 group-aligned, so no two CTAs write the same output row. The zero-fill visits for rows past
 the groups run a pipeline of zero steps, so their accumulator stays zero.
 
-Requires: Hopper, 2-byte operands of one dtype, ``K % tile_k == 0``, ``N % (2 * tile_n) ==
-0``, ``M >= tile_m`` and ``M % 8 == 0`` (``applies``); ``api`` falls back to the Triton kernel otherwise.
+Requires: Hopper (or the Mosaic GPU interpreter), 2-byte operands of one dtype,
+``K % tile_k == 0``, ``N % cta_n == 0``, ``M >= cta_m`` and ``M % 8 == 0`` (``applies``);
+``gmm`` runs the Triton kernel otherwise.
 """
 
 import dataclasses
@@ -64,16 +65,24 @@ def default_config(m: int, num_groups: int) -> Config:
     return Config(grid_tile_width=2 if m <= 256 * num_groups else 8)
 
 
-def applies(lhs_MxK, rhs, transpose_rhs: bool, config: Config = Config()) -> bool:
-    """Whether this kernel handles the shapes, dtypes and device (else use Triton)."""
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.0, sm_90a)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
+
+
+def applies(
+    lhs_MxK, rhs, transpose_rhs: bool, config: Config = Config(), *, interpret: bool = False
+) -> bool:
+    """Whether this kernel handles the shapes and dtypes, on Hopper or interpreted (else the
+    Triton kernel runs)."""
     m, k = lhs_MxK.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    devices = jax.devices()
-    hopper = devices[0].platform == "gpu" and getattr(devices[0], "compute_capability", "") in (
-        "9.0",
-    )
     return (
-        hopper
+        (interpret or on_hopper())
+        # The interpreter's wgmma (jax 0.10) reads transposed shared-memory operands as if
+        # untransposed, so interpreted d lhs products run the Triton kernel.
+        and not (interpret and transpose_rhs)
         and lhs_MxK.dtype == rhs.dtype
         and jnp.dtype(lhs_MxK.dtype).itemsize == 2
         and k % config.tile_k == 0
@@ -82,6 +91,15 @@ def applies(lhs_MxK, rhs, transpose_rhs: bool, config: Config = Config()) -> boo
         and m >= config.cta_m
         and m % 8 == 0  # the TMA tiling of lhs and out rows
     )
+
+
+def interpret_params():
+    """Mosaic GPU interpreter settings for tests on CPU: reads past the end of lhs (the last
+    row block of an M that is not a multiple of the tile, which TMA fills on the device)
+    return NaN, so any such row that reached the output would fail the comparison."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="nan")
 
 
 def _store_rows(o_smem, out_gmem, first_row, smem_row, rows, col, tile_m):
@@ -258,14 +276,15 @@ def gmm(
       group_sizes_G: int32 rows per group; rows past the sum come out zero.
       transpose_rhs: contract with the last axis of ``rhs``.
       preferred_element_type: output dtype (default ``lhs.dtype``).
-      interpret: Mosaic GPU has no interpreter: interpret mode runs the Triton kernel.
+      interpret: run in the Mosaic GPU interpreter (CPU testing; ``interpret_params``), or
+        the Triton kernel in its interpreter where this kernel does not apply.
       config: tiles and schedule (default ``default_config(M, G)``).
 
     Returns:
       ``[M, N]``.
     """
     cfg = config or default_config(lhs_MxK.shape[0], rhs_GxKxN.shape[0])
-    if interpret or not applies(lhs_MxK, rhs_GxKxN, transpose_rhs, cfg):
+    if not applies(lhs_MxK, rhs_GxKxN, transpose_rhs, cfg, interpret=interpret):
         return triton_gpu.gmm(
             lhs_MxK,
             rhs_GxKxN,
@@ -275,11 +294,18 @@ def gmm(
             interpret=interpret,
         )
     return gmm_kernel(
-        lhs_MxK, rhs_GxKxN, group_sizes_G, transpose_rhs, preferred_element_type, cfg, num_sms()
+        lhs_MxK,
+        rhs_GxKxN,
+        group_sizes_G,
+        transpose_rhs,
+        preferred_element_type,
+        cfg,
+        2 if interpret else num_sms(),
+        interpret_params() if interpret else None,
     )
 
 
-def gmm_kernel(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype, cfg, num_sms):
+def gmm_kernel(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype, cfg, num_sms, interpret=None):
     """The Mosaic-GPU kernel itself, without the shape check (lowerable off-GPU)."""
     m = lhs_MxK.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -293,6 +319,7 @@ def gmm_kernel(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype, cfg, num_s
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret,
     )
     return kernel(*table, lhs_MxK, rhs)
 

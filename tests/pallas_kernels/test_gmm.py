@@ -351,55 +351,68 @@ def test_mosaic_gpu_visit_table_covers_every_row_once(prob, tile_m):
     np.testing.assert_array_equal(owner, want)
 
 
-def _on_hopper() -> bool:
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+class MosaicGpuKernelChecks:
+    """Shapes the Hopper kernel takes (bf16, K % 64, N % 256, M % 8, M >= 128); subclasses run
+    it compiled or in the Mosaic GPU interpreter."""
 
+    INTERPRET = False
+    KERNEL_EXAMPLES = 6
+    ROW_BLOCKS = (32, 187)  # M = 8 * r: not always a multiple of the 128-row tile
+    K_CHOICES = (64, 192, 512)
+    N_CHOICES = (256, 512)
+    GRAD_CASE = (1000, 256, 512, (300, 0, 128, 1, 400, 100))
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90a)")
-class TestMosaicGpuCompiled(GmmTestBase):
-    """Small hypothesis shapes fall back to Triton; the tests below run the Hopper kernel."""
+    def _mosaic(self, x, w_arg, gs, transpose_rhs, config=None):
+        assert gmm_mosaic_gpu.applies(x, w_arg, transpose_rhs, interpret=self.INTERPRET)
+        return gmm_mosaic_gpu.gmm(
+            x, w_arg, gs, transpose_rhs=transpose_rhs, config=config, interpret=self.INTERPRET
+        )
 
-    IMPL = "mosaic_gpu"
-
-    @settings(max_examples=6, **_SETTINGS)
-    @given(
-        st.integers(32, 187).map(lambda r: 8 * r),  # M % 8 == 0, not always % 128
-        st.sampled_from([64, 192, 512]),
-        st.sampled_from([256, 512]),
-        st.integers(1, 9),
-        st.integers(0, 2**31 - 1),
-    )
-    def test_kernel_bf16(self, m, k, n, g, seed):
+    def test_kernel_bf16(self):
         """Uneven and empty groups, rows past the groups, M not a multiple of the tile; both
-        contractions, forward and gradients."""
-        rng = np.random.default_rng(seed)
-        sizes = rng.multinomial(rng.integers(0, m + 1), rng.dirichlet(np.ones(g) * 0.5))
-        sizes[rng.integers(g)] = 0
-        sizes = sizes.astype(np.int32)
-        for transpose_rhs in (False, True):
+        contractions (compiled) and both splits of the CTA tile between the warpgroups."""
+
+        @settings(max_examples=self.KERNEL_EXAMPLES, **_SETTINGS)
+        @given(
+            st.integers(*self.ROW_BLOCKS).map(lambda r: 8 * r),
+            st.sampled_from(self.K_CHOICES),
+            st.sampled_from(self.N_CHOICES),
+            st.integers(1, 9),
+            st.integers(0, 2**31 - 1),
+        )
+        def run(m, k, n, g, seed):
+            rng = np.random.default_rng(seed)
+            sizes = rng.multinomial(rng.integers(0, m + 1), rng.dirichlet(np.ones(g) * 0.5))
+            sizes[rng.integers(g)] = 0
+            gs = jnp.asarray(sizes.astype(np.int32))
             x, w, _ = _inputs(m, k, n, g, jnp.bfloat16, seed % 1000)
-            w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
-            assert gmm_mosaic_gpu.applies(x, w_arg, transpose_rhs)
-            self._check_forward((m, k, n, sizes), jnp.bfloat16, transpose_rhs, seed % 1000)
-            # The other split of the CTA tile (256-row blocks) must agree too.
-            cfg = gmm_mosaic_gpu.Config(wg_split="m")
-            gs = jnp.asarray(sizes)
-            got = gmm_mosaic_gpu.gmm(x, w_arg, gs, transpose_rhs=transpose_rhs, config=cfg)
-            _close(got, reference.gmm(x.astype(jnp.float32), w.astype(jnp.float32), gs), x.dtype)
-            assert np.all(np.asarray(got[int(sizes.sum()) :]) == 0)
+            want = reference.gmm(x.astype(jnp.float32), w.astype(jnp.float32), gs)
+            for transpose_rhs in (False,) if self.INTERPRET else (False, True):
+                w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
+                for split in ("n", "m") if m >= 256 else ("n",):
+                    cfg = gmm_mosaic_gpu.Config(wg_split=split)
+                    got = jax.jit(functools.partial(self._mosaic, config=cfg), static_argnums=3)(
+                        x, w_arg, gs, transpose_rhs
+                    )
+                    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+                    _close(got, want, jnp.bfloat16)
+                    assert np.all(np.asarray(got[int(sizes.sum()) :]) == 0), "tail not zero"
+
+        run()
 
     def test_kernel_gradients(self):
-        m, k, n, g = 1000, 256, 512, 6
-        sizes = np.asarray([300, 0, 128, 1, 400, 100], np.int32)
-        x, w, c = _inputs(m, k, n, g, jnp.bfloat16, 9)
-        gs = jnp.asarray(sizes)
+        """Forward and d lhs on the kernel (d rhs is the Triton tgmm), through the API."""
+        m, k, n, sizes = self.GRAD_CASE
+        x, w, c = _inputs(m, k, n, len(sizes), jnp.bfloat16, 9)
+        gs = jnp.asarray(sizes, jnp.int32)
         dy = c.astype(jnp.bfloat16)  # the backward casts dy to the operand dtype
-        assert gmm_mosaic_gpu.applies(x, w, False) and gmm_mosaic_gpu.applies(dy, w, True)
+        assert gmm_mosaic_gpu.applies(x, w, False, interpret=self.INTERPRET)
+        # Interpreted, d lhs runs the Triton kernel (see `applies`).
+        assert gmm_mosaic_gpu.applies(dy, w, True, interpret=self.INTERPRET) != self.INTERPRET
 
         def loss(x, w):
-            return jnp.sum(self.call_gmm(x, w, gs).astype(jnp.float32) * c)
+            y = gmm(x, w, gs, implementation="mosaic_gpu", interpret=self.INTERPRET)
+            return jnp.sum(y.astype(jnp.float32) * c)
 
         def ref_loss(x, w):
             return jnp.sum(reference.gmm(x, w, gs) * c)
@@ -408,6 +421,30 @@ class TestMosaicGpuCompiled(GmmTestBase):
         rdx, rdw = jax.grad(ref_loss, (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
         _close(dx, rdx, jnp.bfloat16)
         _close(dw, rdw, jnp.bfloat16)
+
+
+class TestMosaicGpuInterpret(MosaicGpuKernelChecks):
+    """The Hopper kernel in the Mosaic GPU interpreter on CPU (small shapes: it is slow)."""
+
+    INTERPRET = True
+    KERNEL_EXAMPLES = 2
+    ROW_BLOCKS = (16, 40)
+    K_CHOICES = (64, 128)
+    N_CHOICES = (256,)
+    GRAD_CASE = (200, 256, 256, (70, 0, 9, 1, 100))
+
+    @pytest.mark.slow
+    def test_kernel_bf16_more(self):
+        self.KERNEL_EXAMPLES = 8
+        self.test_kernel_bf16()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gmm_mosaic_gpu.on_hopper(), reason="needs a Hopper GPU (sm_90a)")
+class TestMosaicGpuCompiled(MosaicGpuKernelChecks, GmmTestBase):
+    """Compiled on Hopper; the base tests' small shapes exercise the Triton fallback."""
+
+    IMPL = "mosaic_gpu"
 
 
 def test_unknown_implementation_lists_allowed():
