@@ -18,7 +18,6 @@ import functools
 import importlib.util
 import json
 import os
-import random
 import statistics
 import sys
 
@@ -26,8 +25,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
-from benchmarks.common import machine_line, timeit  # noqa: E402
-from benchmarks.gmm_gpu_sweep import OLD_GMM, OLD_TGMM, compile_all, make_problems  # noqa: E402
+from benchmarks.common import machine_line  # noqa: E402
+from benchmarks.gmm_gpu_sweep import (  # noqa: E402
+    OLD_GMM,
+    OLD_TGMM,
+    compile_all,
+    interleaved_rounds,
+    make_problems,
+)
 from pallas_kernels.gmm import gpu  # noqa: E402
 
 # Extra configs to compare with the defaults (edit to taste).
@@ -68,7 +73,6 @@ def ab(probs, rounds, log):
     cands = {id(p): candidates(p) for p in probs}
     jobs = [((id(p), i), f, a) for p in probs for i, (_, f, a) in enumerate(cands[id(p)])]
     exes = compile_all(jobs)
-    times = {key: [] for key in exes}
     errs = {}
     for p in probs:
         for i, (label, _, args) in enumerate(cands[id(p)]):
@@ -77,16 +81,7 @@ def ab(probs, rounds, log):
                 errs[(id(p), i)] = None if label == "dense" else f"compile: {str(exe)[:120]}"
                 continue
             errs[(id(p), i)] = p.err(exe(*args))
-    rng = random.Random(0)
-    for r in range(rounds):
-        for p in probs:
-            order = list(range(len(cands[id(p)])))
-            rng.shuffle(order)
-            for i in order:
-                exe = exes[(id(p), i)]
-                if not isinstance(exe, Exception):
-                    times[(id(p), i)].append(timeit(exe, *cands[id(p)][i][2], repeats=1, inner=5))
-        print(f"round {r} done", flush=True)
+    times = interleaved_rounds(probs, cands, exes, rounds)
     lines = []
     for p in probs:
         first = times[(id(p), 0)]

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import random
 import sys
 import time
 
@@ -168,6 +169,26 @@ def compile_all(jobs, workers=14):
 
     with cf.ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(one, jobs))
+
+
+def interleaved_rounds(probs, cands, exes, rounds, after_problem=None):
+    """Times every compiled candidate once per round (5 calls), in a shuffled order per
+    problem; ``after_problem(p)`` runs after each problem's candidates. Returns
+    ``{(id(p), i): [seconds per round]}`` (empty for candidates that failed to compile)."""
+    times = {key: [] for key in exes}
+    rng = random.Random(0)
+    for r in range(rounds):
+        for p in probs:
+            order = list(range(len(cands[id(p)])))
+            rng.shuffle(order)
+            for i in order:
+                exe = exes[(id(p), i)]
+                if not isinstance(exe, Exception):
+                    times[(id(p), i)].append(timeit(exe, *cands[id(p)][i][2], repeats=1, inner=5))
+            if after_problem is not None:
+                after_problem(p)
+        print(f"round {r} done", flush=True)
+    return times
 
 
 def run_phase(title, jobs, log, deadline):

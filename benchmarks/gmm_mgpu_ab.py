@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import functools
 import os
-import random
 import statistics
 import sys
 
@@ -22,9 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import machine_line, timeit  # noqa: E402
+from benchmarks.common import machine_line  # noqa: E402
 from benchmarks.gmm import _torch_grouped_mm  # noqa: E402
-from benchmarks.gmm_gpu_sweep import compile_all, make_problems  # noqa: E402
+from benchmarks.gmm_gpu_sweep import compile_all, interleaved_rounds, make_problems  # noqa: E402
 from pallas_kernels.gmm import gpu, mosaic_gpu  # noqa: E402
 
 BASE = mosaic_gpu.Config()
@@ -115,23 +114,16 @@ def main():
                 exes[(id(p), i)] = e
                 checks[(id(p), i)] = "run failed"
         print(f"checked {p.name} {p.kind}", flush=True)
-    times = {key: [] for key in exes}
     torch_times = {id(p): [] for p in probs}
-    rng = random.Random(0)
-    for r in range(args.rounds):
-        for p in probs:
-            order = list(range(len(cands[id(p)])))
-            rng.shuffle(order)
-            for i in order:
-                exe = exes[(id(p), i)]
-                if not isinstance(exe, Exception):
-                    times[(id(p), i)].append(timeit(exe, *cands[id(p)][i][2], repeats=1, inner=5))
-            if p.kind == "fwd":
-                try:
-                    torch_times[id(p)].append(_torch_grouped_mm(p.x, p.w, p.gs_np, 1, 5))
-                except Exception as e:  # noqa: BLE001
-                    print(f"torch failed: {e}", flush=True)
-        print(f"round {r} done", flush=True)
+
+    def torch_round(p):
+        if p.kind == "fwd":
+            try:
+                torch_times[id(p)].append(_torch_grouped_mm(p.x, p.w, p.gs_np, 1, 5))
+            except Exception as e:  # noqa: BLE001
+                print(f"torch failed: {e}", flush=True)
+
+    times = interleaved_rounds(probs, cands, exes, args.rounds, torch_round)
     lines = [machine_line()]
     for p in probs:
         lines += [
