@@ -30,7 +30,7 @@ BASE = mosaic_gpu.Config()
 # Candidate configs (edit to taste): label -> Config.
 CONFIGS = {
     "mosaic default": BASE,
-    "mosaic release 0": dataclasses.replace(BASE, delay_release=0),
+    "mosaic release 1 (races, see Config)": dataclasses.replace(BASE, delay_release=1),
     "mosaic width 4": dataclasses.replace(BASE, grid_tile_width=4),
     "mosaic width 2": dataclasses.replace(BASE, grid_tile_width=2),
     "mosaic release 0 width 4": dataclasses.replace(BASE, delay_release=0, grid_tile_width=4),

@@ -1,26 +1,28 @@
 """Pallas Mosaic-GPU grouped matmul for Hopper (sm_90a): TMA loads, wgmma, warp specialization.
 
-Schedule (same visit table as the Triton kernel, ``gpu.visit_table``): every group is cut
-into chunks of ``tile_m`` rows that start at the group's first row, plus a pseudo-group G
-for the rows past ``sum(group_sizes)``. A persistent grid (one CTA per SM) walks
-``visits x N tiles`` in a planar snake. Each CTA runs three warpgroups: one issues the TMA
-copies of a ``[tile_m, tile_k]`` lhs block and a ``[tile_k, 2 * tile_n]`` weight block into a
-ring of ``max_concurrent_steps`` shared-memory stages; two consumer warpgroups each
-accumulate a ``[tile_m, tile_n]`` half of the output tile with ``wgmma`` (f32 in registers).
+Schedule (``block_visit_table``): the rows are cut into blocks of ``cta_m`` rows; a visit
+pairs one block with one group whose rows it holds (a block shared by two groups is visited
+twice), plus a pseudo-group G for the rows past ``sum(group_sizes)``. A persistent grid (one
+CTA per SM) walks ``visits x N tiles`` in a planar snake. Each CTA runs three warpgroups:
+one issues the TMA copies of a ``[cta_m, tile_k]`` lhs block and a ``[tile_k, cta_n]``
+weight block into a ring of ``max_concurrent_steps`` shared-memory stages; two consumer
+warpgroups each accumulate a ``[tile_m, tile_n]`` part of the output tile with ``wgmma``
+(f32 in registers).
 
-A chunk's lhs block is loaded from row ``min(start, M - tile_m)`` so it never leaves the
-array; the epilogue stores only the chunk's own rows with a ladder of power-of-two-row TMA
-stores (a TMA box has a static shape; any row count is a sum of powers of two). Chunks are
-group-aligned, so no two CTAs write the same output row. The zero-fill visits for rows past
-the groups run a pipeline of zero steps, so their accumulator stays zero.
+The last block may reach past M (TMA fills those rows with zeros on the device); the
+epilogue stores only the visit's own rows with a ladder of power-of-two-row TMA stores (a
+TMA box has a static shape; any row count is a sum of powers of two), so no two visits
+write the same output row. The zero-fill visits for rows past the groups run a pipeline of
+zero steps, so their accumulator stays zero.
 
-Requires: Hopper (or the Mosaic GPU interpreter), 2-byte operands of one dtype,
+Requires: Hopper (or the Mosaic GPU interpreter), bf16 or f16 operands of one dtype,
 ``K % tile_k == 0``, ``N % cta_n == 0``, ``M >= cta_m`` and ``M % 8 == 0`` (``applies``);
 ``gmm`` runs the Triton kernel otherwise.
 """
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +44,23 @@ class Config:
     epi_tile_n: int = 64
     grid_minor_dim: int = 0  # 0: visits vary fastest within a snake strip; 1: N tiles
     grid_tile_width: int = 8
-    delay_release: int = 1  # wgmma groups left in flight when a stage is released
-    wg_split: str = "n"  # the two consumer warpgroups split the CTA tile along N or M
+    # wgmma groups left in flight when a stage is released. 0: with 1, the pipeline's memory
+    # warpgroup stops waiting one step early, so the next visit's first TMA loads could
+    # overwrite the stage the last wgmma is still reading.
+    delay_release: int = 0
+    wg_split: Literal["n", "m"] = "n"  # the consumer warpgroups split the CTA tile along N/M
+
+    def __post_init__(self):
+        if self.tile_m <= 0 or self.tile_m & (self.tile_m - 1):
+            raise ValueError(f"tile_m={self.tile_m} must be a power of two (the store ladder)")
+        if self.tile_n % self.epi_tile_n:
+            raise ValueError(f"tile_n={self.tile_n} must be a multiple of epi_tile_n")
+        if self.wg_split not in ("n", "m"):
+            raise ValueError(f"wg_split={self.wg_split!r}: allowed 'n', 'm'")
+        if self.cta_m > 256 or self.cta_n > 256:
+            raise ValueError(f"CTA tile {self.cta_m}x{self.cta_n} exceeds a TMA box (256)")
+        if self.delay_release < 0 or self.max_concurrent_steps < 1:
+            raise ValueError("delay_release must be >= 0 and max_concurrent_steps >= 1")
 
     @property
     def cta_m(self) -> int:
@@ -54,15 +71,18 @@ class Config:
         return self.tile_n * (2 if self.wg_split == "n" else 1)
 
 
-def default_config(m: int, num_groups: int) -> Config:
-    """Schedule used when the caller passes none (H100, bf16; BENCHMARKS.md, gmm, GPU).
+def default_config(m: int, num_groups: int) -> Config | None:
+    """Schedule used when the caller passes none (H100, bf16; BENCHMARKS.md, gmm, GPU), or
+    None where the Triton kernel measured faster.
 
     Short groups (at most 256 rows per group on average, e.g. DeepSeek-V3's 256 experts)
-    stream their weights from DRAM: snake strips of 2 visits keep the two blocks of a group
-    (which share a weight tile) together (567 vs 553 TFLOP/s forward, 569 vs 550 d lhs, one
-    interleaved run); elsewhere strips of 8 (Mixtral-8x7B forward 744 vs 615 at width 2).
+    stream their weights from DRAM; there the Triton kernel ran the forward at 572-576
+    TFLOP/s against 519-530 for this kernel with ``delay_release=0`` (d lhs: 524-569 against
+    557-567), so short groups run the Triton kernel. Elsewhere snake strips of 8 visits.
     """
-    return Config(grid_tile_width=2 if m <= 256 * num_groups else 8)
+    if m <= 256 * num_groups:
+        return None
+    return Config()
 
 
 def on_hopper() -> bool:
@@ -84,7 +104,7 @@ def applies(
         # untransposed, so interpreted d lhs products run the Triton kernel.
         and not (interpret and transpose_rhs)
         and lhs_MxK.dtype == rhs.dtype
-        and jnp.dtype(lhs_MxK.dtype).itemsize == 2
+        and jnp.dtype(lhs_MxK.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and k % config.tile_k == 0
         and k > 0
         and n % config.cta_n == 0
@@ -284,7 +304,7 @@ def gmm(
       ``[M, N]``.
     """
     cfg = config or default_config(lhs_MxK.shape[0], rhs_GxKxN.shape[0])
-    if not applies(lhs_MxK, rhs_GxKxN, transpose_rhs, cfg, interpret=interpret):
+    if cfg is None or not applies(lhs_MxK, rhs_GxKxN, transpose_rhs, cfg, interpret=interpret):
         return triton_gpu.gmm(
             lhs_MxK,
             rhs_GxKxN,

@@ -360,7 +360,7 @@ class MosaicGpuKernelChecks:
     ROW_BLOCKS = (32, 187)  # M = 8 * r: not always a multiple of the 128-row tile
     K_CHOICES = (64, 192, 512)
     N_CHOICES = (256, 512)
-    GRAD_CASE = (1000, 256, 512, (300, 0, 128, 1, 400, 100))
+    GRAD_CASE = (1000, 256, 512, (600, 0, 1, 350))  # > 256 rows per group: the kernel runs
 
     def _mosaic(self, x, w_arg, gs, transpose_rhs, config=None):
         assert gmm_mosaic_gpu.applies(x, w_arg, transpose_rhs, interpret=self.INTERPRET)
@@ -406,6 +406,7 @@ class MosaicGpuKernelChecks:
         x, w, c = _inputs(m, k, n, len(sizes), jnp.bfloat16, 9)
         gs = jnp.asarray(sizes, jnp.int32)
         dy = c.astype(jnp.bfloat16)  # the backward casts dy to the operand dtype
+        assert gmm_mosaic_gpu.default_config(m, len(sizes)) is not None
         assert gmm_mosaic_gpu.applies(x, w, False, interpret=self.INTERPRET)
         # Interpreted, d lhs runs the Triton kernel (see `applies`).
         assert gmm_mosaic_gpu.applies(dy, w, True, interpret=self.INTERPRET) != self.INTERPRET
@@ -430,10 +431,10 @@ class TestMosaicGpuInterpret(MosaicGpuKernelChecks):
 
     INTERPRET = True
     KERNEL_EXAMPLES = 2
-    ROW_BLOCKS = (16, 40)
+    ROW_BLOCKS = (32, 48)  # M >= 256: both splits run in every example
     K_CHOICES = (64, 128)
     N_CHOICES = (256,)
-    GRAD_CASE = (200, 256, 256, (70, 0, 9, 1, 100))
+    GRAD_CASE = (776, 256, 256, (400, 0, 330))
 
     @pytest.mark.slow
     def test_kernel_bf16_more(self):
@@ -447,6 +448,21 @@ class TestMosaicGpuCompiled(MosaicGpuKernelChecks, GmmTestBase):
     """Compiled on Hopper; the base tests' small shapes exercise the Triton fallback."""
 
     IMPL = "mosaic_gpu"
+
+
+def test_mosaic_gpu_config_errors_name_the_argument():
+    for kwargs, name in (
+        (dict(tile_m=96), "tile_m"),
+        (dict(tile_n=96), "tile_n"),
+        (dict(wg_split="k"), "wg_split"),
+        (dict(tile_n=256), "CTA tile"),
+        (dict(delay_release=-1), "delay_release"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            gmm_mosaic_gpu.Config(**kwargs)
+    assert gmm_mosaic_gpu.default_config(65536, 256) is None  # short groups: Triton
+    x = jnp.zeros((256, 64), jnp.int16)
+    assert not gmm_mosaic_gpu.applies(x, jnp.zeros((2, 64, 256), jnp.int16), False, interpret=True)
 
 
 def test_unknown_implementation_lists_allowed():
