@@ -30,7 +30,21 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def visit_table(group_sizes_G: jax.Array, num_rows: int, bm: int):
+def tail_group_bounds(group_sizes_G: jax.Array, num_rows: int):
+    """Row ranges of the G groups plus a pseudo-group G holding the rows past their sum.
+
+    Returns:
+      starts_H, ends_H: int32 ``[G + 1]``; negative sizes count as 0 and the ranges are clipped
+      to ``num_rows``.
+    """
+    sizes_G = jnp.maximum(group_sizes_G.astype(jnp.int32), 0)
+    ends_G = jnp.minimum(jnp.cumsum(sizes_G), num_rows)
+    ends_H = jnp.concatenate([ends_G, jnp.full((1,), num_rows, jnp.int32)])  # H = G + 1
+    starts_H = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_H[:-1]])
+    return starts_H, ends_H
+
+
+def _visit_table(group_sizes_G: jax.Array, num_rows: int, bm: int):
     """Group-aligned chunk schedule with a trailing zero-fill pseudo-group (id G).
 
     Returns:
@@ -39,10 +53,7 @@ def visit_table(group_sizes_G: jax.Array, num_rows: int, bm: int):
       end_V[v]))``.
     """
     num_groups = group_sizes_G.shape[0]
-    sizes_G = jnp.maximum(group_sizes_G.astype(jnp.int32), 0)
-    ends_G = jnp.minimum(jnp.cumsum(sizes_G), num_rows)
-    ends_H = jnp.concatenate([ends_G, jnp.full((1,), num_rows, jnp.int32)])  # H = G + 1
-    starts_H = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_H[:-1]])
+    starts_H, ends_H = tail_group_bounds(group_sizes_G, num_rows)
     chunks_H = (ends_H - starts_H + bm - 1) // bm
     chunk_ends_H = jnp.cumsum(chunks_H)
     max_visits = _cdiv(num_rows, bm) + num_groups + 1
@@ -245,7 +256,7 @@ def gmm(
     out_dtype = preferred_element_type or lhs_MxK.dtype
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
-    group_V, start_V, end_V = visit_table(group_sizes_G, m, block_m)
+    group_V, start_V, end_V = _visit_table(group_sizes_G, m, block_m)
     kernel = functools.partial(
         _gmm_kernel,
         bm=block_m,

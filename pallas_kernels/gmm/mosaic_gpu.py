@@ -150,10 +150,7 @@ def block_visit_table(group_sizes_G: jax.Array, num_rows: int, tile_m: int):
       ``rhs[group_V[v]]`` and stores rows ``[lo_V[v], hi_V[v])``.
     """
     num_groups = group_sizes_G.shape[0]
-    sizes_G = jnp.maximum(group_sizes_G.astype(jnp.int32), 0)
-    ends_H = jnp.minimum(jnp.cumsum(sizes_G), num_rows)
-    ends_H = jnp.concatenate([ends_H, jnp.full((1,), num_rows, jnp.int32)])  # H = G + 1
-    starts_H = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_H[:-1]])
+    starts_H, ends_H = triton_gpu.tail_group_bounds(group_sizes_G, num_rows)
     first_H = starts_H // tile_m
     blocks_H = jnp.where(ends_H > starts_H, (ends_H - 1) // tile_m - first_H + 1, 0)
     cum_H = jnp.cumsum(blocks_H)
