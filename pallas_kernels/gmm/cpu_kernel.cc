@@ -339,6 +339,91 @@ void MicroKernelTCols(int cols, int64_t k, const float* a, int64_t lda, const fl
 }
 static_assert(kMT == 12 || kMT == 6, "MicroKernelTCols instantiates 1..kMT columns");
 
+// The last rows of a group that do not fill a vector (rows % kVL of them) would cost a whole
+// vector of lanes per output column in the transposed tiles (a group of 33 rows computes 48).
+// Where they are few, they run as dot products along the contraction instead, where both
+// operands are contiguous rows: out[r, c] = <lhs[r, :], rhs[g][c, :]>, in blocks of 4 rows x
+// 4 columns whose 16 accumulators are summed across lanes together (SumEach16).
+#if defined(__AVX512F__)
+// Lane i of the result is the sum of the 16 lanes of v[i]: a tree of 45 shuffles and adds
+// (one horizontal sum at a time takes about 8 dependent steps per vector).
+__attribute__((always_inline)) inline __m512 SumEach16(const __m512 (&v)[16]) {
+  __m512 s[8], t[4], u[2];
+  // s[i], each 128-bit lane: partial sums of (v[2i], v[2i+1], v[2i], v[2i+1]).
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  // t[i], each 128-bit lane: that lane's sums of v[4i .. 4i + 3].
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0xEE));
+  // u[i]: 128-bit lanes (0 + 1, 2 + 3) of t[2i], then of t[2i + 1].
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                       _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+}
+
+// out[r, c] = <x[r * ldx : + k], w[c][0 : k]> for r < R, c < cols (<= 4; w[c] valid for all 4).
+template <int R>
+inline void DotBlock(int64_t k, const float* __restrict x, int64_t ldx, const float* const (&w)[4],
+                     int cols, float* __restrict out, int64_t ldo) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  // (One loop with a per-step mask: a lambda for the steps made GCC keep acc in memory.)
+  for (int64_t p = 0; p < k; p += 16) {
+    const __mmask16 mask =
+        p + 16 <= k ? 0xFFFF : static_cast<__mmask16>((1u << (k - p)) - 1);
+    __m512 wv[4];
+    for (int c = 0; c < 4; ++c) wv[c] = _mm512_maskz_loadu_ps(mask, w[c] + p);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * ldx + p);
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  __m512 v[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) v[i] = i < 4 * R ? acc[i / 4][i % 4] : _mm512_setzero_ps();
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, SumEach16(v));
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < cols; ++c) out[r * ldo + c] = sums[4 * r + c];
+}
+
+// out[r, c] = <x[r, :], a[c, :]> for r < rows (< kVL), c < cols; row strides ldx and lda.
+void DotRows(int rows, int cols, int64_t k, const float* x, int64_t ldx, const float* a,
+             int64_t lda, float* out, int64_t ldo) {
+  for (int c = 0; c < cols; c += 4) {
+    const int nc = std::min(4, cols - c);
+    const float* w[4];
+    for (int j = 0; j < 4; ++j) w[j] = a + (c + std::min(j, nc - 1)) * lda;
+    for (int r = 0; r < rows; r += 4) {
+      const float* xr = x + r * ldx;
+      float* o = out + r * ldo + c;
+      switch (std::min(4, rows - r)) {
+        case 1: DotBlock<1>(k, xr, ldx, w, nc, o, ldo); break;
+        case 2: DotBlock<2>(k, xr, ldx, w, nc, o, ldo); break;
+        case 3: DotBlock<3>(k, xr, ldx, w, nc, o, ldo); break;
+        default: DotBlock<4>(k, xr, ldx, w, nc, o, ldo); break;
+      }
+    }
+  }
+}
+#endif
+
+// How many of a group's last `rest` (< kVL) rows run as dot products: all of them where that
+// costs less than a vector of lanes per output column (k FMAs), counting an FMA per 16
+// contraction steps of each row and kDotSumCost FMAs' worth of summing per 4-row block; else
+// none. (Interleaved A/B at the DeepSeek-mini shapes: a sum cost of 0-30 within 5%.)
+constexpr int64_t kDotSumCost = 12;
+inline int DotTailRows(int rest, int64_t k) {
+  if (kVL != 16 || rest == 0) return 0;
+  const int64_t cost = rest * ((k + 15) / 16) + (rest + 3) / 4 * kDotSumCost;
+  return cost < k ? rest : 0;
+}
+
 void GroupStarts(const int32_t* sizes, int64_t num_groups, int64_t num_rows,
                  std::vector<int64_t>& starts) {
   starts.assign(num_groups + 1, 0);
@@ -368,7 +453,10 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
     thread_local std::vector<float> pack, block;
     const Item& it = items[idx];
-    const int64_t rows = it.r1 - it.r0, tiles = (rows + kNT - 1) / kNT;
+    const int64_t rows = it.r1 - it.r0;
+    // Only a group's last item has rows % kVL != 0 (row_block is a multiple of kNT).
+    const int tail = DotTailRows(static_cast<int>(rows % kVL), k);
+    const int64_t vec_rows = rows - tail, tiles = (vec_rows + kNT - 1) / kNT;
     float* out = y + it.r0 * n + it.c0;
     int64_t ldo = n;
     if (stream) {
@@ -378,7 +466,7 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
     }
     pack.resize(static_cast<size_t>(tiles * k * kNT));
     for (int64_t t = 0; t < tiles; ++t)
-      PackStrip(k, x + (it.r0 + t * kNT) * k, 1, k, 0, std::min<int64_t>(kNT, rows - t * kNT),
+      PackStrip(k, x + (it.r0 + t * kNT) * k, 1, k, 0, std::min<int64_t>(kNT, vec_rows - t * kNT),
                 pack.data() + t * k * kNT, kNT);
     const float* wg = w + it.g * n * k;
     // Prefetched meanwhile: the next panel, or the next item's first one if not this item's.
@@ -399,9 +487,14 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
       for (int64_t t = 0; t < tiles; ++t)
         MicroKernelTCols(static_cast<int>(std::min<int64_t>(kMT, it.c1 - c)), k, a, k,
                          pack.data() + t * k * kNT,
-                         static_cast<int>(std::min<int64_t>(kNT, rows - t * kNT)),
+                         static_cast<int>(std::min<int64_t>(kNT, vec_rows - t * kNT)),
                          out + t * kNT * ldo + (c - it.c0), ldo,
                          reinterpret_cast<const char*>(pf), t == 0 ? pf_lines : 0);
+#if defined(__AVX512F__)
+      if (tail > 0)
+        DotRows(tail, static_cast<int>(std::min<int64_t>(kMT, it.c1 - c)), k,
+                x + (it.r0 + vec_rows) * k, k, a, k, out + vec_rows * ldo + (c - it.c0), ldo);
+#endif
     }
     if (stream) {
       StreamRows(out, rows, ldo, y + it.r0 * n + it.c0, n);

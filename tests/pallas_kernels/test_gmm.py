@@ -243,6 +243,18 @@ class TestCpuFfi(GmmTestBase):
         nt = functools.partial(self.call_gmm, transpose_rhs=True)
         _close(jax.jit(nt)(x, jnp.swapaxes(w, 1, 2), gs), reference.gmm(x, w, gs), jnp.float32)
 
+    def test_transposed_dot_tails(self):
+        """The transposed product's dot-product tails: groups whose last rows do not fill a
+        16-row vector (1-15 of them, in blocks of 1-4 rows) on a contraction that is not a
+        multiple of 16, with 4-column blocks and a partial one (N = 30), next to groups whose
+        tail is long enough to stay on the vector tiles (a group of 46 rows: 14 tail rows)."""
+        sizes = [1, 2, 3, 4, 0, 5, 7, 11, 17, 33, 46, 60]
+        m, k, n = sum(sizes) + 3, 150, 30
+        x, w, _ = _inputs(m, k, n, len(sizes), jnp.float32, 14)
+        gs = jnp.asarray(sizes, jnp.int32)
+        nt = functools.partial(self.call_gmm, transpose_rhs=True)
+        _close(jax.jit(nt)(x, jnp.swapaxes(w, 1, 2), gs), reference.gmm(x, w, gs), jnp.float32)
+
     def test_empty_contraction(self):
         """K = 0 (and N = 0 in the forward, whose d lhs is then an NT product with K = 0)."""
         gs = jnp.asarray([2, 2], jnp.int32)
