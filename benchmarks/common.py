@@ -28,6 +28,20 @@ def timeit(fn, *args, repeats: int = 5, inner: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each ``name: (fn, args)``, one call of each per round after a
+    warm-up, so drift on a shared machine hits them alike."""
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def temp_bytes(fn, *args) -> int:
     """Peak temporary bytes of the compiled function (`memory_analysis`), -1 if unknown."""
     analysis = jax.jit(fn).lower(*args).compile().memory_analysis()

@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    interleaved_medians,
     machine_line,
     release_freed_memory,
     set_malloc,
@@ -158,12 +159,19 @@ def measure(shape, routing, repeats, dtype=jnp.float32):
     routing_args = (x, {"router": params["router"]}, offset)
     res = {}
     for n, fn in fns.items():
+        if n == "jmoe":
+            continue  # timed below, side by side with the dense peer
         res[n] = timeit(
             fwd_bwd(fn), *(routing_args if n == "dispatch_only" else args), repeats=repeats
         )
         release_freed_memory()  # ragged_dot's multi-GiB temporaries fragment the heap
-    res["dense"] = timeit(fwd_bwd(dense_ffn), x, dense_params(params, k), offset, repeats=repeats)
-    res["jmoe_fwd"] = timeit(jax.jit(lambda *a: fns["jmoe"](*a)[0]), *args, repeats=repeats)
+    # jmoe, its forward and the dense peer: calls interleaved, so drift hits them alike.
+    side_by_side = {
+        "jmoe": (fwd_bwd(fns["jmoe"]), args),
+        "dense": (fwd_bwd(dense_ffn), (x, dense_params(params, k), offset)),
+        "jmoe_fwd": (jax.jit(lambda *a: fns["jmoe"](*a)[0]), args),
+    }
+    res.update(interleaved_medians(side_by_side, 2 * repeats + 1))
     res["temp_jmoe"] = temp_bytes(fwd_bwd(fns["jmoe"]), *args)
     res["temp_onehot"] = temp_bytes(fwd_bwd(fns["onehot"]), *args) if "onehot" in fns else 0
     res["flops"] = 3 * 2 * t * k * 3 * d * f  # fwd+bwd = 3x the forward's 3 matmuls
@@ -214,7 +222,8 @@ def main():
             f"--malloc {args.malloc}`. {malloc_note} "
             f"{'bf16' if args.gpu else 'fp32'}; fwd+bwd (grads wrt x and "
             "all parameters) of the whole layer: route, dispatch, experts (SwiGLU), combine, "
-            "balance loss. Ratios are peer time / jmoe time (> 1: jmoe faster); medians. "
+            "balance loss. Ratios are peer time / jmoe time (> 1: jmoe faster); medians; jmoe, "
+            f"its forward and the dense peer interleaved ({2 * args.repeats + 1} rounds). "
             "`vs dense`: a dense SwiGLU of width K*F (same active FLOPs). "
             "`dispatch+combine share`: "
             "the same layer with identity experts (route, sort, permute, combine, balance loss; "

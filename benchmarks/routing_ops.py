@@ -13,9 +13,7 @@ Run: `python benchmarks/routing_ops.py [--repeats N] [--write]`.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,25 +21,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import machine_line, write_section  # noqa: E402
+from benchmarks.common import interleaved_medians, machine_line, write_section  # noqa: E402
 from jmoe import runtime  # noqa: E402
 from pallas_kernels import dispatch as dsp  # noqa: E402
 from pallas_kernels import topk  # noqa: E402
 
 SHAPES = {"Mixtral-mini": (2048, 8, 2), "OLMoE-mini": (512, 64, 8), "DeepSeek-mini": (1024, 256, 8)}
-
-
-def _interleaved_ms(fns, args, repeats):
-    """Median ms per call of each function, calls interleaved."""
-    for fn in fns:
-        jax.block_until_ready(fn(*args))
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1e3 for t in times]
 
 
 def _row(name, t, e, k, repeats):
@@ -51,13 +36,15 @@ def _row(name, t, e, k, repeats):
     ours_topk = jax.jit(lambda p: topk.top_k(p, k))
     np.testing.assert_array_equal(lax_topk(probs)[1], ours_topk(probs)[1])
     impl = topk.resolve_implementation(None, probs, k)
-    t_lax, t_ours = _interleaved_ms([lax_topk, ours_topk], (probs,), repeats)
+    top = interleaved_medians({"lax": (lax_topk, (probs,)), "ours": (ours_topk, (probs,))}, repeats)
+    t_lax, t_ours = top["lax"] * 1e3, top["ours"] * 1e3
 
     ids = lax_topk(probs)[1].reshape(-1)
     argsort = jax.jit(lambda i: jnp.argsort(i, stable=True).astype(jnp.int32))
     packed = jax.jit(lambda i: dsp.stable_order(i, e + 1))
     np.testing.assert_array_equal(argsort(ids), packed(ids))
-    s_arg, s_ours = _interleaved_ms([argsort, packed], (ids,), repeats)
+    srt = interleaved_medians({"arg": (argsort, (ids,)), "ours": (packed, (ids,))}, repeats)
+    s_arg, s_ours = srt["arg"] * 1e3, srt["ours"] * 1e3
     return (
         f"| {name} ({t}, {e}, {k}) | {t_lax:.3f} | {t_ours:.3f} ({impl}) | {t_lax / t_ours:.1f}x "
         f"| {s_arg:.3f} | {s_ours:.3f} | {s_arg / s_ours:.1f}x |"
