@@ -28,8 +28,8 @@ def timeit(fn, *args, repeats: int = 5, inner: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each ``name: (fn, args)``, one call of each per round after a
+def interleaved_times(fns: dict, repeats: int) -> dict:
+    """Seconds of each call of each ``name: (fn, args)``, one call of each per round after a
     warm-up, so drift on a shared machine hits them alike."""
     for fn, args in fns.values():
         jax.block_until_ready(fn(*args))
@@ -39,7 +39,12 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each ``name: (fn, args)`` (see ``interleaved_times``)."""
+    return {name: statistics.median(v) for name, v in interleaved_times(fns, repeats).items()}
 
 
 def temp_bytes(fn, *args) -> int:

@@ -16,6 +16,7 @@ import argparse
 import functools
 import math
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    interleaved_medians,
+    interleaved_times,
     machine_line,
     release_freed_memory,
     set_malloc,
@@ -171,7 +172,9 @@ def measure(shape, routing, repeats, dtype=jnp.float32):
         "dense": (fwd_bwd(dense_ffn), (x, dense_params(params, k), offset)),
         "jmoe_fwd": (jax.jit(lambda *a: fns["jmoe"](*a)[0]), args),
     }
-    res.update(interleaved_medians(side_by_side, 2 * repeats + 1))
+    times = interleaved_times(side_by_side, 2 * repeats + 1)
+    res.update({n: statistics.median(v) for n, v in times.items()})
+    res["dense_min_ratio"] = min(times["dense"]) / min(times["jmoe"])
     res["temp_jmoe"] = temp_bytes(fwd_bwd(fns["jmoe"]), *args)
     res["temp_onehot"] = temp_bytes(fwd_bwd(fns["onehot"]), *args) if "onehot" in fns else 0
     res["flops"] = 3 * 2 * t * k * 3 * d * f  # fwd+bwd = 3x the forward's 3 matmuls
@@ -185,9 +188,9 @@ def table(quick, repeats, gpu=False):
     routings = ("balanced", "skewed") if quick else ROUTINGS
     rows = [
         f"| shape (T,D,F,E,K) | routing | jmoe ({gmm_api.resolve_implementation(None)}) ms "
-        "| GFLOP/s (active) | vs dense | vs XLA loop | vs ragged_dot | vs one-hot "
+        "| GFLOP/s (active) | vs dense | vs dense (min) | vs XLA loop | vs ragged_dot | vs one-hot "
         "| fwd+bwd / fwd | dispatch+combine share | jmoe temp MiB | one-hot temp MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, shape in shapes.items():
         for routing in routings:
@@ -197,6 +200,7 @@ def table(quick, repeats, gpu=False):
             rows.append(
                 f"| {name} {shape} | {routing} | {r['jmoe'] * 1e3:.1f} | "
                 f"{r['flops'] / r['jmoe'] / 1e9:.1f} | {r['dense'] / r['jmoe']:.2f} | "
+                f"{r['dense_min_ratio']:.2f} | "
                 f"{r['loop'] / r['jmoe']:.2f} | "
                 f"{r['ragged'] / r['jmoe']:.2f} | {onehot:.2f} | "
                 f"{r['jmoe'] / r['jmoe_fwd']:.2f} | {r['dispatch_only'] / r['jmoe']:.2f} | "
@@ -224,7 +228,8 @@ def main():
             "all parameters) of the whole layer: route, dispatch, experts (SwiGLU), combine, "
             "balance loss. Ratios are peer time / jmoe time (> 1: jmoe faster); medians; jmoe, "
             f"its forward and the dense peer interleaved ({2 * args.repeats + 1} rounds). "
-            "`vs dense`: a dense SwiGLU of width K*F (same active FLOPs). "
+            "`vs dense`: a dense SwiGLU of width K*F (same active FLOPs); `(min)`: the ratio "
+            "of the two fastest calls. "
             "`dispatch+combine share`: "
             "the same layer with identity experts (route, sort, permute, combine, balance loss; "
             "gradients wrt x and the router) over the full layer.",
