@@ -93,7 +93,8 @@ def resolve_implementation(
     )
 
 
-def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs):
+def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, lhs_rows=None):
+    _check_lhs_rows(lhs_rows)
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
     if rhs.ndim != 3:
@@ -111,10 +112,38 @@ def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs):
         )
 
 
-def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
+def _check_lhs_rows(lhs_rows):
+    if lhs_rows is not None and (
+        lhs_rows.ndim != 1 or not jnp.issubdtype(lhs_rows.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"lhs_rows must be an integer [M] array, got {lhs_rows.dtype}{list(lhs_rows.shape)}"
+        )
+
+
+# Implementations that gather `lhs_rows` themselves; the others get lhs[lhs_rows].
+_GATHERS_ROWS = ("cpu_ffi",)
+
+
+def _rows_for(impl, lhs, lhs_rows):
+    """(lhs, lhs_rows) as ``impl`` takes them. A row id outside [0, T) gives a NaN row here (the
+    native kernel reports an error): never a silently clamped row."""
+    if lhs_rows is None or impl in _GATHERS_ROWS:
+        return lhs, lhs_rows
+    return jnp.take(lhs, lhs_rows, axis=0, mode="fill", fill_value=jnp.nan), None
+
+
+def _gmm_impl(lhs, rhs, group_sizes, lhs_rows, transpose_rhs, out_dtype, impl, interpret):
+    lhs, lhs_rows = _rows_for(impl, lhs, lhs_rows)
     if impl in _PLAIN_MODULES:
+        rows = {} if lhs_rows is None else {"lhs_rows": lhs_rows}
         return _PLAIN_MODULES[impl].gmm(
-            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype
+            lhs,
+            rhs,
+            group_sizes,
+            transpose_rhs=transpose_rhs,
+            preferred_element_type=out_dtype,
+            **rows,
         )
     if impl == "ragged_dot":
         if transpose_rhs:
@@ -134,14 +163,21 @@ def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
     )
 
 
-def _tgmm_impl(lhs, dout, group_sizes, num_groups, out_dtype, impl, interpret):
+def _tgmm_impl(lhs, dout, group_sizes, lhs_rows, num_groups, out_dtype, impl, interpret):
     if impl == "ragged_dot":
         # ragged_dot's transpose (ragged contracting dim) is not a fast path either; use the
         # active-FLOPs loop.
         impl = "xla"
+    lhs, lhs_rows = _rows_for(impl, lhs, lhs_rows)
     if impl in _PLAIN_MODULES:
+        rows = {} if lhs_rows is None else {"lhs_rows": lhs_rows}
         return _PLAIN_MODULES[impl].tgmm(
-            lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype
+            lhs,
+            dout,
+            group_sizes,
+            num_groups=num_groups,
+            preferred_element_type=out_dtype,
+            **rows,
         )
     kernel = importlib.import_module(_KERNEL_MODULES[impl])
     return kernel.tgmm(
@@ -154,29 +190,36 @@ def _tgmm_impl(lhs, dout, group_sizes, num_groups, out_dtype, impl, interpret):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _gmm_vjp(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
-    return _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _gmm_vjp(lhs, rhs, group_sizes, lhs_rows, transpose_rhs, out_dtype, impl, interpret):
+    return _gmm_impl(lhs, rhs, group_sizes, lhs_rows, transpose_rhs, out_dtype, impl, interpret)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret):
-    out = _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, impl, interpret)
-    return out, (lhs, rhs, group_sizes)
+def _gmm_fwd(lhs, rhs, group_sizes, lhs_rows, transpose_rhs, out_dtype, impl, interpret):
+    out = _gmm_impl(lhs, rhs, group_sizes, lhs_rows, transpose_rhs, out_dtype, impl, interpret)
+    return out, (lhs, rhs, group_sizes, lhs_rows)
 
 
 def _gmm_bwd(transpose_rhs, out_dtype, impl, interpret, res, dout_MxN):
-    lhs_MxK, rhs, group_sizes_G = res
+    lhs, rhs, group_sizes_G, lhs_rows_M = res
     del out_dtype
-    dout_MxN = dout_MxN.astype(lhs_MxK.dtype)
+    dout_MxN = dout_MxN.astype(lhs.dtype)
     dlhs_MxK = _gmm_impl(
-        dout_MxN, rhs, group_sizes_G, not transpose_rhs, lhs_MxK.dtype, impl, interpret
+        dout_MxN, rhs, group_sizes_G, None, not transpose_rhs, lhs.dtype, impl, interpret
     )
     num_groups = rhs.shape[0]
     if transpose_rhs:  # rhs is [G, N, K]
-        drhs = _tgmm_impl(dout_MxN, lhs_MxK, group_sizes_G, num_groups, rhs.dtype, impl, interpret)
+        rows_MxK = lhs if lhs_rows_M is None else lhs[lhs_rows_M]
+        drhs = _tgmm_impl(
+            dout_MxN, rows_MxK, group_sizes_G, None, num_groups, rhs.dtype, impl, interpret
+        )
     else:
-        drhs = _tgmm_impl(lhs_MxK, dout_MxN, group_sizes_G, num_groups, rhs.dtype, impl, interpret)
-    return dlhs_MxK, drhs, None
+        drhs = _tgmm_impl(
+            lhs, dout_MxN, group_sizes_G, lhs_rows_M, num_groups, rhs.dtype, impl, interpret
+        )
+    if lhs_rows_M is not None:  # each lhs row gets the rows it was gathered into
+        dlhs_MxK = jax.ops.segment_sum(dlhs_MxK, lhs_rows_M, num_segments=lhs.shape[0])
+    return dlhs_MxK, drhs, None, None
 
 
 _gmm_vjp.defvjp(_gmm_fwd, _gmm_bwd)
@@ -191,6 +234,7 @@ def gmm(
     preferred_element_type=None,
     implementation: Implementation | Sequence[Implementation] | None = None,
     interpret: bool = False,
+    lhs_rows: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped matmul: ``out[m] = lhs[m] @ rhs[group(m)]``.
 
@@ -208,15 +252,27 @@ def gmm(
       implementation: a name from ``IMPLEMENTATIONS``, a sequence of names (first that runs on
         the current backend wins), or None for the backend's best.
       interpret: run Pallas kernels in interpret mode (any backend).
+      lhs_rows: optional int ``[M]``: row m of the product is ``lhs[lhs_rows[m]]`` of a
+        ``[T, K]`` lhs, e.g. the token of each slot of a dispatch sorted by expert. Same result
+        as ``gmm(lhs[lhs_rows], ...)``; ``cpu_ffi`` gathers the rows per work item instead of
+        materialising them (the other implementations gather first). ``d lhs`` sums the rows
+        each lhs row was gathered into. Ids must lie in ``[0, T)``.
 
     Returns:
       ``[M, N]``.
     """
-    _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs)
+    _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, lhs_rows)
     impl = resolve_implementation(implementation, interpret=interpret)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     return _gmm_vjp(
-        lhs, rhs, group_sizes.astype(jnp.int32), transpose_rhs, out_dtype, impl, interpret
+        lhs,
+        rhs,
+        group_sizes.astype(jnp.int32),
+        lhs_rows,
+        transpose_rhs,
+        out_dtype,
+        impl,
+        interpret,
     )
 
 
@@ -229,6 +285,7 @@ def tgmm(
     preferred_element_type=None,
     implementation: Implementation | Sequence[Implementation] | None = None,
     interpret: bool = False,
+    lhs_rows: jax.Array | None = None,
 ) -> jax.Array:
     """Transposed grouped matmul: ``out[g] = lhs[rows of g]^T @ dout[rows of g]``.
 
@@ -240,14 +297,18 @@ def tgmm(
       preferred_element_type: output dtype (default ``lhs.dtype``).
       implementation: as for ``gmm``.
       interpret: run Pallas kernels in interpret mode.
+      lhs_rows: optional int ``[M]``: row m of lhs is ``lhs[lhs_rows[m]]`` of a ``[T, K]``
+        lhs (as for ``gmm``).
 
     Returns:
       ``[G, K, N]``.
     """
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
-    if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
-        raise ValueError(f"dout must be [M={lhs.shape[0]}, N], got shape {dout.shape}")
+    _check_lhs_rows(lhs_rows)
+    m = lhs.shape[0] if lhs_rows is None else lhs_rows.shape[0]
+    if dout.ndim != 2 or dout.shape[0] != m:
+        raise ValueError(f"dout must be [M={m}, N], got shape {dout.shape}")
     if group_sizes.ndim != 1:
         raise ValueError(f"group_sizes must be [G], got shape {group_sizes.shape}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
@@ -258,5 +319,5 @@ def tgmm(
     impl = resolve_implementation(implementation, interpret=interpret)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     return _tgmm_impl(
-        lhs, dout, group_sizes.astype(jnp.int32), num_groups, out_dtype, impl, interpret
+        lhs, dout, group_sizes.astype(jnp.int32), lhs_rows, num_groups, out_dtype, impl, interpret
     )

@@ -12,7 +12,10 @@
 //   gmm  NN: out[r, :] = lhs[r, :] @ rhs[g]         rhs [G, K, N]
 //   gmm  NT: out[r, :] = lhs[r, :] @ rhs[g]^T       rhs [G, N, K] (run transposed, see kNT)
 //   tgmm TN: out[g]    = lhs[rows g]^T @ dout[rows g]
-// Rows past sum(group_sizes) come out zero; empty groups give zero tgmm blocks.
+// Rows past sum(group_sizes) come out zero; empty groups give zero tgmm blocks. The NN and TN
+// products also come with `lhs_rows` (JmoeGmmRowsF32, JmoeTgmmRowsF32): row r of lhs is then
+// lhs[lhs_rows[r]] of a [T, K] lhs, gathered per work item (a dispatch's sorted rows without
+// the [T * K, D] copy).
 //
 // Built on first use by pallas_kernels/gmm/cpu.py (g++ -O3 -march=native).
 
@@ -503,14 +506,33 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
   });
 }
 
-ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs,
-                   ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out,
-                   bool transpose_rhs) {
+// Rows of a product's lhs: lhs[ids[r]] where `ids` is given (the rows are gathered into a
+// per-item buffer, so the caller need not materialise lhs[ids], e.g. the rows of a dispatch
+// sorted by expert), else lhs[r]. Returns false if an id is outside [0, num_rows).
+bool IdsInRange(const int32_t* ids, int64_t count, int64_t num_rows) {
+  for (int64_t i = 0; i < count; ++i)
+    if (ids[i] < 0 || ids[i] >= num_rows) return false;
+  return true;
+}
+
+// dst[r, :] = src[ids[r0 + r], c0 : c0 + width] for r < rows (src has row stride lds).
+void GatherRows(const float* src, int64_t lds, const int32_t* ids, int64_t r0, int64_t rows,
+                int64_t c0, int64_t width, std::vector<float>& dst) {
+  dst.resize(static_cast<size_t>(rows * width));
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst.data() + r * width, src + static_cast<int64_t>(ids[r0 + r]) * lds + c0,
+                width * sizeof(float));
+}
+
+// out [M, N]; lhs [M, K] or, with ids (M of them, forward only), [T, K].
+ffi::Error GmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs, ffi::Buffer<ffi::F32>& rhs,
+                     ffi::Buffer<ffi::S32>& group_sizes, const int32_t* ids, int64_t num_ids,
+                     ffi::ResultBuffer<ffi::F32>& out, bool transpose_rhs) {
   const auto ld = lhs.dimensions();
   const auto rd = rhs.dimensions();
   if (ld.size() != 2 || rd.size() != 3)
     return ffi::Error::InvalidArgument("jmoe gmm: lhs must be [M, K], rhs [G, K, N]");
-  const int64_t m = ld[0], k = ld[1], g_count = rd[0];
+  const int64_t m = ids != nullptr ? num_ids : ld[0], k = ld[1], g_count = rd[0];
   const int64_t n = transpose_rhs ? rd[1] : rd[2];
   if ((transpose_rhs ? rd[2] : rd[1]) != k)
     return ffi::Error::InvalidArgument("jmoe gmm: contraction dims differ");
@@ -519,6 +541,9 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
   const auto od = out->dimensions();
   if (od.size() != 2 || od[0] != m || od[1] != n)
     return ffi::Error::InvalidArgument("jmoe gmm: out must be [M, N]");
+  if (ids != nullptr && (transpose_rhs || !IdsInRange(ids, num_ids, ld[0])))
+    return ffi::Error::InvalidArgument(
+        "jmoe gmm: lhs_rows must lie in [0, T) for lhs [T, K] (forward product only)");
   std::vector<int64_t> starts;
   GroupStarts(group_sizes.typed_data(), g_count, m, starts);
   const float* x = lhs.typed_data();
@@ -555,7 +580,12 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
       pf_end = pf + k * n * sizeof(float);
     }
     const int64_t rows = it.r1 - it.r0;
+    thread_local std::vector<float> gathered;
     const float* a = x + it.r0 * k;
+    if (ids != nullptr) {
+      GatherRows(x, k, ids, it.r0, rows, 0, k, gathered);
+      a = gathered.data();
+    }
     float* out = y + it.r0 * n;
     for (int64_t s = it.s0; s < it.s1; ++s) {
       const int64_t n0 = s * kNR, width = std::min<int64_t>(kNR, n - n0);
@@ -569,17 +599,34 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
   return ffi::Error::Success();
 }
 
-ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> dout,
-                    ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs,
+                   ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out,
+                   bool transpose_rhs) {
+  return GmmCommon(pool, lhs, rhs, group_sizes, nullptr, 0, out, transpose_rhs);
+}
+
+ffi::Error GmmRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs,
+                       ffi::Buffer<ffi::S32> group_sizes, ffi::Buffer<ffi::S32> lhs_rows,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  return GmmCommon(pool, lhs, rhs, group_sizes, lhs_rows.typed_data(),
+                   static_cast<int64_t>(lhs_rows.element_count()), out, false);
+}
+
+// out [G, K, N]; dout [M, N]; lhs [M, K] or, with ids (M of them), [T, K].
+ffi::Error TgmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs,
+                      ffi::Buffer<ffi::F32>& dout, ffi::Buffer<ffi::S32>& group_sizes,
+                      const int32_t* ids, ffi::ResultBuffer<ffi::F32>& out) {
   const auto ld = lhs.dimensions();
   const auto dd = dout.dimensions();
   const auto od = out->dimensions();
-  if (ld.size() != 2 || dd.size() != 2 || od.size() != 3 || dd[0] != ld[0] ||
+  if (ld.size() != 2 || dd.size() != 2 || od.size() != 3 || (ids == nullptr && dd[0] != ld[0]) ||
       od[1] != ld[1] || od[2] != dd[1])
     return ffi::Error::InvalidArgument("jmoe tgmm: lhs [M, K], dout [M, N], out [G, K, N]");
-  const int64_t m = ld[0], k = ld[1], n = dd[1], g_count = od[0];
+  const int64_t m = dd[0], k = ld[1], n = dd[1], g_count = od[0];
   if (group_sizes.element_count() < static_cast<size_t>(g_count))
     return ffi::Error::InvalidArgument("jmoe tgmm: fewer group sizes than output groups");
+  if (ids != nullptr && !IdsInRange(ids, m, ld[0]))
+    return ffi::Error::InvalidArgument("jmoe tgmm: lhs_rows must lie in [0, T) for lhs [T, K]");
   std::vector<int64_t> starts;
   GroupStarts(group_sizes.typed_data(), g_count, m, starts);
   const float* x = lhs.typed_data();
@@ -589,7 +636,7 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
   const bool stream = Streamable(dw, n);
   const int64_t blocks = (k + panel_rows - 1) / panel_rows;
   ParallelFor(pool, g_count * blocks, [&](int64_t idx, int64_t) {
-    thread_local std::vector<float> pack;
+    thread_local std::vector<float> pack, gathered;
     const int64_t g = idx / blocks;
     const int64_t k0 = (idx % blocks) * panel_rows, k1 = std::min(k0 + panel_rows, k);
     const int64_t rows = starts[g + 1] - starts[g];
@@ -605,20 +652,39 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
     for (int64_t r0 = 0; r0 < rows; r0 += kReduceBlock) {
       const int64_t len = std::min(kReduceBlock, rows - r0);
       const float* a = x + (starts[g] + r0) * k + k0;
+      int64_t lda = k;
+      if (ids != nullptr) {  // this pass's rows, columns [k0, k1)
+        GatherRows(x, k, ids, starts[g] + r0, len, k0, k1 - k0, gathered);
+        a = gathered.data();
+        lda = k1 - k0;
+      }
       const float* b = dy + (starts[g] + r0) * n;
       for (int64_t n0 = 0; n0 < n; n0 += kNR) {
         const int64_t width = std::min<int64_t>(kNR, n - n0);
         if (r0 > 0)
-          Strip<true, kAccumulate>(k1 - k0, len, a, k, b, n, n0, width, c, n, pack);
+          Strip<true, kAccumulate>(k1 - k0, len, a, lda, b, n, n0, width, c, n, pack);
         else if (stream && len == rows)
-          Strip<true, kStream>(k1 - k0, len, a, k, b, n, n0, width, c, n, pack);
+          Strip<true, kStream>(k1 - k0, len, a, lda, b, n, n0, width, c, n, pack);
         else
-          Strip<true, kStore>(k1 - k0, len, a, k, b, n, n0, width, c, n, pack);
+          Strip<true, kStore>(k1 - k0, len, a, lda, b, n, n0, width, c, n, pack);
       }
     }
     FenceStreams();
   });
   return ffi::Error::Success();
+}
+
+ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> dout,
+                    ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out) {
+  return TgmmCommon(pool, lhs, dout, group_sizes, nullptr, out);
+}
+
+ffi::Error TgmmRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
+                        ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::S32> group_sizes,
+                        ffi::Buffer<ffi::S32> lhs_rows, ffi::ResultBuffer<ffi::F32> out) {
+  if (lhs_rows.element_count() != static_cast<size_t>(dout.dimensions()[0]))
+    return ffi::Error::InvalidArgument("jmoe tgmm: lhs_rows must have M = dout rows entries");
+  return TgmmCommon(pool, lhs, dout, group_sizes, lhs_rows.typed_data(), out);
 }
 
 }  // namespace
@@ -637,5 +703,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JmoeTgmmF32, TgmmImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JmoeGmmRowsF32, GmmRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JmoeTgmmRowsF32, TgmmRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
