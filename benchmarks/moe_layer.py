@@ -87,12 +87,14 @@ def _routing(x, params, offset, cfg):
 
 def moe_dropless(x, params, offset, *, cfg, impl=None, identity_experts=False):
     routing = _routing(x, params, offset, cfg)
-    xs, plan = D.dropless_dispatch(x, routing, cfg.num_experts)
     if identity_experts:
-        ys = xs
-    else:
+        ys, plan = D.dropless_dispatch(x, routing, cfg.num_experts)
+    else:  # as the layer: the input projection reads the token rows by index
+        plan = D.dropless_plan(routing, cfg.num_experts)
+        inv = plan.inv_N.reshape(routing.expert_ids.shape)
         ex = {k: params[k] for k in ("w_gate_in", "w_out")}
-        ys = experts.grouped_ffn(ex, xs, plan.group_sizes_E, "swiglu", implementation=impl)
+        gs = plan.group_sizes_E
+        ys = experts.dispatched_ffn(ex, x, plan.order_N, inv, gs, "swiglu", implementation=impl)
     y = D.dropless_combine(ys, plan, routing, cfg.num_experts)
     return y, losses.load_balance_loss(routing)
 

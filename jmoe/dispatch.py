@@ -29,13 +29,19 @@ class DroplessPlan:
     group_sizes_E: jax.Array
 
 
-def dropless_dispatch(x_TxD, routing: Routing, num_experts: int):
-    """Returns rows sorted by expert `[T*K, D]` (inactive slots last) and the plan."""
-    t, k = routing.expert_ids.shape
+def dropless_plan(routing: Routing, num_experts: int) -> DroplessPlan:
+    """The slot order grouping active slots by expert (inactive slots last)."""
     order, inv, sizes = ops.sort_by_expert(
         routing.expert_ids, routing.active(num_experts), num_experts
     )
-    return ops.dispatch_rows(x_TxD, order, inv.reshape(t, k)), DroplessPlan(order, inv, sizes)
+    return DroplessPlan(order, inv, sizes)
+
+
+def dropless_dispatch(x_TxD, routing: Routing, num_experts: int):
+    """Returns rows sorted by expert `[T*K, D]` (inactive slots last) and the plan."""
+    plan = dropless_plan(routing, num_experts)
+    inv_TxK = plan.inv_N.reshape(routing.expert_ids.shape)
+    return ops.dispatch_rows(x_TxD, plan.order_N, inv_TxK), plan
 
 
 def weighted_sum_slots(y_TxKxD, w_TxK):

@@ -12,21 +12,23 @@ Activation = Literal["swiglu", "gelu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 
-def _ffn(matmul: Callable, params, x, activation: Activation):
+def _ffn(matmul: Callable, params, x, activation: Activation, matmul_in: Callable | None = None):
     """FFN with a pluggable product: SwiGLU (Shazeer, 2020) or GELU.
 
     SwiGLU's gate and up projections are one product over ``w_gate_in`` ``[..., D, F, 2]``
     (gate and up interleaved per column, so sharding F keeps each pair together): on CPU one
     grouped GEMM of width 2F measured 1.04-1.39x faster than two of width F (fwd+bwd), the
-    whole MoE layer 1.03-1.19x (BENCHMARKS.md, "moe layer").
+    whole MoE layer 1.03-1.19x (BENCHMARKS.md, "moe layer"). ``matmul_in`` (default
+    ``matmul``) is the input projection's product.
     """
+    matmul_in = matmul_in or matmul
     if activation == "swiglu":
         w = params["w_gate_in"]
-        h = matmul(x, w.reshape(*w.shape[:-2], -1))
+        h = matmul_in(x, w.reshape(*w.shape[:-2], -1))
         h = h.reshape(*h.shape[:-1], -1, 2)
         h = jax.nn.silu(h[..., 0]) * h[..., 1]
     else:
-        h = jax.nn.gelu(matmul(x, params["w_in"]))
+        h = jax.nn.gelu(matmul_in(x, params["w_in"]))
     return matmul(h, params["w_out"])
 
 
@@ -47,6 +49,35 @@ def grouped_ffn(params, xs_MxD, group_sizes_E, activation: Activation, *, implem
     """
     gmm = lambda a, w: ops.grouped_matmul(a, w, group_sizes_E, implementation=implementation)
     return _ffn(gmm, params, xs_MxD, activation)
+
+
+def dispatched_ffn(
+    params,
+    x_TxD,
+    order_N,
+    inv_TxK,
+    group_sizes_E,
+    activation: Activation,
+    *,
+    implementation=None,
+):
+    """``grouped_ffn`` of the dropless dispatch's sorted rows ``x[order // K]``, without them:
+    the input projection reads the token rows by index (`jmoe.ops.dispatch_matmul`).
+
+    Args:
+      params: as for `grouped_ffn`.
+      x_TxD: token rows.
+      order_N: sorted position -> slot (`t * K + k`), from `jmoe.ops.sort_by_expert`.
+      inv_TxK: slot -> sorted position.
+      group_sizes_E: rows per expert.
+      activation: `swiglu` or `gelu`.
+      implementation: grouped-GEMM kernel choice.
+    """
+    gmm = lambda a, w: ops.grouped_matmul(a, w, group_sizes_E, implementation=implementation)
+    gmm_in = lambda a, w: ops.dispatch_matmul(
+        a, order_N, inv_TxK, w, group_sizes_E, implementation=implementation
+    )
+    return _ffn(gmm, params, x_TxD, activation, matmul_in=gmm_in)
 
 
 def batched_ffn(params, buf_ExCxD, activation: Activation):

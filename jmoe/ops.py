@@ -1,5 +1,7 @@
 """Array ops the pure MoE modules build on; each picks a kernel from `pallas_kernels`."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -75,6 +77,51 @@ def _dispatch_rows_bwd(res, d_NxD):
 
 
 dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
+
+
+def dispatch_matmul(x_TxD, order_N, inv_TxK, rhs_GxDxN, group_sizes_G, *, implementation=None):
+    """``grouped_matmul(dispatch_rows(x, order, inv), rhs, group_sizes)`` without the sorted
+    ``[T*K, D]`` rows where the kernel gathers them itself (the native CPU kernel: the forward
+    and the weight gradient read the token rows by index; elsewhere they are gathered first).
+
+    The gradient wrt x is that of ``dispatch_rows`` (a gather by the inverse permutation and a
+    sum over the K slots); the sorted rows are not kept for the backward pass.
+    """
+    impl = tuple(implementation) if isinstance(implementation, list) else implementation
+    return _dispatch_matmul(
+        x_TxD, order_N, inv_TxK, rhs_GxDxN, group_sizes_G.astype(jnp.int32), impl
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _dispatch_matmul(x_TxD, order_N, inv_TxK, rhs, group_sizes_G, impl):
+    rows_N = order_N // inv_TxK.shape[1]
+    return gmm_kernels.gmm(x_TxD, rhs, group_sizes_G, lhs_rows=rows_N, implementation=impl)
+
+
+def _dispatch_matmul_fwd(x_TxD, order_N, inv_TxK, rhs, group_sizes_G, impl):
+    out = _dispatch_matmul(x_TxD, order_N, inv_TxK, rhs, group_sizes_G, impl)
+    return out, (x_TxD, order_N, inv_TxK, rhs, group_sizes_G)
+
+
+def _dispatch_matmul_bwd(impl, res, d_NxN):
+    x_TxD, order_N, inv_TxK, rhs, group_sizes_G = res
+    d_NxN = d_NxN.astype(x_TxD.dtype)
+    dxs_NxD = gmm_kernels.gmm(d_NxN, rhs, group_sizes_G, transpose_rhs=True, implementation=impl)
+    dx_TxD = _dispatch_rows_bwd((order_N, inv_TxK), dxs_NxD)[0]
+    drhs = gmm_kernels.tgmm(
+        x_TxD,
+        d_NxN,
+        group_sizes_G,
+        num_groups=rhs.shape[0],
+        preferred_element_type=rhs.dtype,
+        lhs_rows=order_N // inv_TxK.shape[1],
+        implementation=impl,
+    )
+    return dx_TxD, None, None, drhs, None
+
+
+_dispatch_matmul.defvjp(_dispatch_matmul_fwd, _dispatch_matmul_bwd)
 
 
 @jax.custom_vjp

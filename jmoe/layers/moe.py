@@ -276,10 +276,12 @@ class MoE(nn.Module):
                 a2a=self.ep_a2a,
             )
         if self.dispatch == "dropless":
-            xs, plan = dispatch_lib.dropless_dispatch(x, routing, e)
-            ys = experts_lib.grouped_ffn(
+            plan = dispatch_lib.dropless_plan(routing, e)
+            ys = experts_lib.dispatched_ffn(
                 params,
-                xs,
+                x,
+                plan.order_N,
+                plan.inv_N.reshape(routing.expert_ids.shape),
                 plan.group_sizes_E,
                 self.activation,
                 implementation=self.gmm_implementation,
