@@ -89,14 +89,18 @@ def moe_dropless(x, params, offset, *, cfg, impl=None, identity_experts=False):
     routing = _routing(x, params, offset, cfg)
     if identity_experts:
         ys, plan = D.dropless_dispatch(x, routing, cfg.num_experts)
-    else:  # as the layer: the input projection reads the token rows by index
-        plan = D.dropless_plan(routing, cfg.num_experts)
-        inv = plan.inv_N.reshape(routing.expert_ids.shape)
-        ex = {k: params[k] for k in ("w_gate_in", "w_out")}
-        gs = plan.group_sizes_E
-        ys = experts.dispatched_ffn(ex, x, plan.order_N, inv, gs, "swiglu", implementation=impl)
-    y = D.dropless_combine(ys, plan, routing, cfg.num_experts)
-    return y, losses.load_balance_loss(routing)
+        return D.dropless_combine(ys, plan, routing, cfg.num_experts), losses.load_balance_loss(
+            routing
+        )
+    # as the layer: the expert products read the token rows (and their gradients) by index
+    plan = D.dropless_plan(routing, cfg.num_experts)
+    inv = plan.inv_N.reshape(routing.expert_ids.shape)
+    ex = {k: params[k] for k in ("w_gate_in", "w_out")}
+    w = D.combine_weights(routing, cfg.num_experts)
+    y = experts.dispatched_ffn(
+        ex, x, plan.order_N, inv, plan.group_sizes_E, w, "swiglu", implementation=impl
+    )
+    return y.astype(x.dtype), losses.load_balance_loss(routing)
 
 
 def moe_onehot(x, params, offset, *, cfg, cap):

@@ -52,11 +52,15 @@ def weighted_sum_slots(y_TxKxD, w_TxK):
     return out
 
 
+def combine_weights(routing: Routing, num_experts: int):
+    """The routing weights of active slots, 0 for inactive ones: the combine's ``w_TxK``."""
+    return jnp.where(routing.active(num_experts), routing.weights, 0.0)
+
+
 def dropless_combine(ys_NxD, plan: DroplessPlan, routing: Routing, num_experts: int):
     """Unsorts expert outputs and sums each token's slots weighted by the routing weights."""
-    t, k = routing.expert_ids.shape
-    w = jnp.where(routing.active(num_experts), routing.weights, 0.0)
-    y_TxD = ops.combine_rows(ys_NxD, plan.order_N, plan.inv_N.reshape(t, k), w)
+    w = combine_weights(routing, num_experts)
+    y_TxD = ops.combine_rows(ys_NxD, plan.order_N, plan.inv_N.reshape(w.shape), w)
     return y_TxD.astype(ys_NxD.dtype)
 
 

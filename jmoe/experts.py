@@ -12,16 +12,24 @@ Activation = Literal["swiglu", "gelu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 
-def _ffn(matmul: Callable, params, x, activation: Activation, matmul_in: Callable | None = None):
+def _ffn(
+    matmul: Callable,
+    params,
+    x,
+    activation: Activation,
+    matmul_in: Callable | None = None,
+    matmul_out: Callable | None = None,
+):
     """FFN with a pluggable product: SwiGLU (Shazeer, 2020) or GELU.
 
     SwiGLU's gate and up projections are one product over ``w_gate_in`` ``[..., D, F, 2]``
     (gate and up interleaved per column, so sharding F keeps each pair together): on CPU one
     grouped GEMM of width 2F measured 1.04-1.39x faster than two of width F (fwd+bwd), the
-    whole MoE layer 1.03-1.19x (BENCHMARKS.md, "moe layer"). ``matmul_in`` (default
-    ``matmul``) is the input projection's product.
+    whole MoE layer 1.03-1.19x (BENCHMARKS.md, "moe layer"). ``matmul_in`` and
+    ``matmul_out`` (default ``matmul``) are the input and output projections' products.
     """
     matmul_in = matmul_in or matmul
+    matmul_out = matmul_out or matmul
     if activation == "swiglu":
         w = params["w_gate_in"]
         h = matmul_in(x, w.reshape(*w.shape[:-2], -1))
@@ -29,7 +37,7 @@ def _ffn(matmul: Callable, params, x, activation: Activation, matmul_in: Callabl
         h = jax.nn.silu(h[..., 0]) * h[..., 1]
     else:
         h = jax.nn.gelu(matmul_in(x, params["w_in"]))
-    return matmul(h, params["w_out"])
+    return matmul_out(h, params["w_out"])
 
 
 def param_names(activation: Activation) -> tuple[str, str]:
@@ -57,12 +65,16 @@ def dispatched_ffn(
     order_N,
     inv_TxK,
     group_sizes_E,
+    w_TxK,
     activation: Activation,
     *,
     implementation=None,
 ):
-    """``grouped_ffn`` of the dropless dispatch's sorted rows ``x[order // K]``, without them:
-    the input projection reads the token rows by index (`jmoe.ops.dispatch_matmul`).
+    """The dropless layer's experts from dispatch to combine: ``grouped_ffn`` of the sorted
+    slot rows ``x[order // K]``, combined per token with ``w``, without materialising the
+    sorted rows of either end: the input projection reads the token rows by index
+    (`jmoe.ops.dispatch_matmul`) and the output projection's gradient reads each slot's token
+    gradient by index (`jmoe.ops.matmul_combine`).
 
     Args:
       params: as for `grouped_ffn`.
@@ -70,14 +82,20 @@ def dispatched_ffn(
       order_N: sorted position -> slot (`t * K + k`), from `jmoe.ops.sort_by_expert`.
       inv_TxK: slot -> sorted position.
       group_sizes_E: rows per expert.
+      w_TxK: combine weights, 0 for inactive slots.
       activation: `swiglu` or `gelu`.
       implementation: grouped-GEMM kernel choice.
+
+    Returns:
+      ``y[t] = sum_k w[t, k] * FFN_{e(t, k)}(x[t])`` in fp32.
     """
-    gmm = lambda a, w: ops.grouped_matmul(a, w, group_sizes_E, implementation=implementation)
     gmm_in = lambda a, w: ops.dispatch_matmul(
         a, order_N, inv_TxK, w, group_sizes_E, implementation=implementation
     )
-    return _ffn(gmm, params, x_TxD, activation, matmul_in=gmm_in)
+    gmm_out = lambda a, w: ops.matmul_combine(
+        a, w, group_sizes_E, order_N, inv_TxK, w_TxK, implementation=implementation
+    )
+    return _ffn(None, params, x_TxD, activation, matmul_in=gmm_in, matmul_out=gmm_out)
 
 
 def batched_ffn(params, buf_ExCxD, activation: Activation):

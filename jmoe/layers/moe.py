@@ -277,16 +277,17 @@ class MoE(nn.Module):
             )
         if self.dispatch == "dropless":
             plan = dispatch_lib.dropless_plan(routing, e)
-            ys = experts_lib.dispatched_ffn(
+            y = experts_lib.dispatched_ffn(
                 params,
                 x,
                 plan.order_N,
                 plan.inv_N.reshape(routing.expert_ids.shape),
                 plan.group_sizes_E,
+                dispatch_lib.combine_weights(routing, e),
                 self.activation,
                 implementation=self.gmm_implementation,
             )
-            return dispatch_lib.dropless_combine(ys, plan, routing, e), jnp.float32(0.0), {}
+            return y.astype(x.dtype), jnp.float32(0.0), {}
         t, k = routing.expert_ids.shape
         cap = dispatch_lib.capacity(t, k, e, self.capacity_factor, self.min_capacity)
         buf, plan = dispatch_lib.capacity_dispatch(

@@ -3,9 +3,17 @@
 from pallas_kernels.gmm.api import (
     IMPLEMENTATIONS,
     Implementation,
+    gathers_rows,
     gmm,
     resolve_implementation,
     tgmm,
 )
 
-__all__ = ["IMPLEMENTATIONS", "Implementation", "gmm", "resolve_implementation", "tgmm"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "Implementation",
+    "gathers_rows",
+    "gmm",
+    "resolve_implementation",
+    "tgmm",
+]

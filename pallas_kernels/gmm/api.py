@@ -112,25 +112,28 @@ def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, lhs_rows=None):
         )
 
 
-def _check_lhs_rows(lhs_rows):
-    if lhs_rows is not None and (
-        lhs_rows.ndim != 1 or not jnp.issubdtype(lhs_rows.dtype, jnp.integer)
-    ):
-        raise ValueError(
-            f"lhs_rows must be an integer [M] array, got {lhs_rows.dtype}{list(lhs_rows.shape)}"
-        )
+def _check_lhs_rows(rows, name="lhs_rows"):
+    if rows is not None and (rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer)):
+        raise ValueError(f"{name} must be an integer [M] array, got {rows.dtype}{list(rows.shape)}")
 
 
-# Implementations that gather `lhs_rows` themselves; the others get lhs[lhs_rows].
+# Implementations that gather `lhs_rows` / `dout_rows` themselves; the others get the
+# gathered rows.
 _GATHERS_ROWS = ("cpu_ffi",)
 
 
-def _rows_for(impl, lhs, lhs_rows):
-    """(lhs, lhs_rows) as ``impl`` takes them. A row id outside [0, T) gives a NaN row here (the
-    native kernel reports an error): never a silently clamped row."""
-    if lhs_rows is None or impl in _GATHERS_ROWS:
-        return lhs, lhs_rows
-    return jnp.take(lhs, lhs_rows, axis=0, mode="fill", fill_value=jnp.nan), None
+def gathers_rows(implementation=None, *, interpret: bool = False) -> bool:
+    """Whether the implementation ``implementation`` resolves to reads ``lhs_rows`` /
+    ``dout_rows`` by index itself (the others are handed the gathered rows)."""
+    return resolve_implementation(implementation, interpret=interpret) in _GATHERS_ROWS
+
+
+def _rows_for(impl, operand, rows):
+    """(operand, rows) as ``impl`` takes them. A row id outside [0, T) gives a NaN row here
+    (the native kernel reports an error): never a silently clamped row."""
+    if rows is None or impl in _GATHERS_ROWS:
+        return operand, rows
+    return jnp.take(operand, rows, axis=0, mode="fill", fill_value=jnp.nan), None
 
 
 def _gmm_impl(lhs, rhs, group_sizes, lhs_rows, transpose_rhs, out_dtype, impl, interpret):
@@ -163,21 +166,23 @@ def _gmm_impl(lhs, rhs, group_sizes, lhs_rows, transpose_rhs, out_dtype, impl, i
     )
 
 
-def _tgmm_impl(lhs, dout, group_sizes, lhs_rows, num_groups, out_dtype, impl, interpret):
+def _tgmm_impl(lhs, dout, group_sizes, rows, num_groups, out_dtype, impl, interpret):
+    """``rows``: (lhs_rows, dout_rows), each None or int [M]."""
     if impl == "ragged_dot":
         # ragged_dot's transpose (ragged contracting dim) is not a fast path either; use the
         # active-FLOPs loop.
         impl = "xla"
-    lhs, lhs_rows = _rows_for(impl, lhs, lhs_rows)
+    lhs, lhs_rows = _rows_for(impl, lhs, rows[0])
+    dout, dout_rows = _rows_for(impl, dout, rows[1])
     if impl in _PLAIN_MODULES:
-        rows = {} if lhs_rows is None else {"lhs_rows": lhs_rows}
+        named = {"lhs_rows": lhs_rows, "dout_rows": dout_rows}
         return _PLAIN_MODULES[impl].tgmm(
             lhs,
             dout,
             group_sizes,
             num_groups=num_groups,
             preferred_element_type=out_dtype,
-            **rows,
+            **{key: r for key, r in named.items() if r is not None},
         )
     kernel = importlib.import_module(_KERNEL_MODULES[impl])
     return kernel.tgmm(
@@ -209,13 +214,12 @@ def _gmm_bwd(transpose_rhs, out_dtype, impl, interpret, res, dout_MxN):
     )
     num_groups = rhs.shape[0]
     if transpose_rhs:  # rhs is [G, N, K]
-        rows_MxK = lhs if lhs_rows_M is None else lhs[lhs_rows_M]
         drhs = _tgmm_impl(
-            dout_MxN, rows_MxK, group_sizes_G, None, num_groups, rhs.dtype, impl, interpret
+            dout_MxN, lhs, group_sizes_G, (None, lhs_rows_M), num_groups, rhs.dtype, impl, interpret
         )
     else:
         drhs = _tgmm_impl(
-            lhs, dout_MxN, group_sizes_G, lhs_rows_M, num_groups, rhs.dtype, impl, interpret
+            lhs, dout_MxN, group_sizes_G, (lhs_rows_M, None), num_groups, rhs.dtype, impl, interpret
         )
     if lhs_rows_M is not None:  # each lhs row gets the rows it was gathered into
         dlhs_MxK = jax.ops.segment_sum(dlhs_MxK, lhs_rows_M, num_segments=lhs.shape[0])
@@ -286,6 +290,7 @@ def tgmm(
     implementation: Implementation | Sequence[Implementation] | None = None,
     interpret: bool = False,
     lhs_rows: jax.Array | None = None,
+    dout_rows: jax.Array | None = None,
 ) -> jax.Array:
     """Transposed grouped matmul: ``out[g] = lhs[rows of g]^T @ dout[rows of g]``.
 
@@ -299,6 +304,9 @@ def tgmm(
       interpret: run Pallas kernels in interpret mode.
       lhs_rows: optional int ``[M]``: row m of lhs is ``lhs[lhs_rows[m]]`` of a ``[T, K]``
         lhs (as for ``gmm``).
+      dout_rows: optional int ``[M]``: row m of dout is ``dout[dout_rows[m]]`` of a ``[T, N]``
+        dout (e.g. each slot's token gradient, for the weight gradient of a product whose
+        rows are combined per token).
 
     Returns:
       ``[G, K, N]``.
@@ -306,9 +314,12 @@ def tgmm(
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
     _check_lhs_rows(lhs_rows)
+    _check_lhs_rows(dout_rows, "dout_rows")
     m = lhs.shape[0] if lhs_rows is None else lhs_rows.shape[0]
-    if dout.ndim != 2 or dout.shape[0] != m:
-        raise ValueError(f"dout must be [M={m}, N], got shape {dout.shape}")
+    m_dout = dout.shape[0] if dout_rows is None else dout_rows.shape[0]
+    if dout.ndim != 2 or m_dout != m:
+        rows = "" if dout_rows is None else " rows through dout_rows"
+        raise ValueError(f"dout must have M={m}{rows}, got dout {dout.shape}")
     if group_sizes.ndim != 1:
         raise ValueError(f"group_sizes must be [G], got shape {group_sizes.shape}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
@@ -318,6 +329,6 @@ def tgmm(
         raise ValueError(f"num_groups={num_groups} > group_sizes length {group_sizes.shape[0]}")
     impl = resolve_implementation(implementation, interpret=interpret)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    return _tgmm_impl(
-        lhs, dout, group_sizes.astype(jnp.int32), lhs_rows, num_groups, out_dtype, impl, interpret
-    )
+    gs = group_sizes.astype(jnp.int32)
+    rows = (lhs_rows, dout_rows)
+    return _tgmm_impl(lhs, dout, gs, rows, num_groups, out_dtype, impl, interpret)

@@ -38,40 +38,47 @@ why_unavailable = _LIBRARY.why_unavailable
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, preferred_element_type=None, lhs_rows=None):
     """``out[m] = lhs[m] @ rhs[group(m)]``; see ``pallas_kernels.gmm.api.gmm``.
 
-    With ``lhs_rows`` (int32 ``[M]``), row m is ``lhs[lhs_rows[m]]``: the forward product
-    gathers the rows per work item; the transposed one runs on ``lhs[lhs_rows]``.
+    With ``lhs_rows`` (int32 ``[M]``), row m is ``lhs[lhs_rows[m]]``, gathered per work item.
     """
     _LIBRARY.require()
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    if lhs_rows is not None and transpose_rhs:
-        lhs, lhs_rows = lhs[lhs_rows], None
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     m = lhs.shape[0] if lhs_rows is None else lhs_rows.shape[0]
     args = (lhs.astype(jnp.float32), rhs.astype(jnp.float32), group_sizes.astype(jnp.int32))
     out_type = jax.ShapeDtypeStruct((m, n), jnp.float32)
-    if lhs_rows is None:
-        call = jax.ffi.ffi_call(_TARGETS["gmm"], out_type, vmap_method="sequential")
-        out = call(*args, transpose_rhs=np.bool_(transpose_rhs))
-    else:
-        call = jax.ffi.ffi_call(_TARGETS["gmm_rows"], out_type, vmap_method="sequential")
-        out = call(*args, lhs_rows.astype(jnp.int32))
-    return out.astype(out_dtype)
+    rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
+    target = _TARGETS["gmm" if lhs_rows is None else "gmm_rows"]
+    call = jax.ffi.ffi_call(target, out_type, vmap_method="sequential")
+    return call(*args, *rows, transpose_rhs=np.bool_(transpose_rhs)).astype(out_dtype)
 
 
-def tgmm(lhs, dout, group_sizes, *, num_groups=None, preferred_element_type=None, lhs_rows=None):
+def tgmm(
+    lhs,
+    dout,
+    group_sizes,
+    *,
+    num_groups=None,
+    preferred_element_type=None,
+    lhs_rows=None,
+    dout_rows=None,
+):
     """``out[g] = lhs[rows of g]^T @ dout[rows of g]``; see ``pallas_kernels.gmm.api.tgmm``.
 
-    With ``lhs_rows`` (int32 ``[M]``), row m of lhs is ``lhs[lhs_rows[m]]``, gathered per work
-    item.
+    With ``lhs_rows`` (int32 ``[M]``), row m of lhs is ``lhs[lhs_rows[m]]``; with
+    ``dout_rows``, row m of dout is ``dout[dout_rows[m]]``; both gathered per work item.
     """
     _LIBRARY.require()
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     num_groups = num_groups or group_sizes.shape[0]
     out_type = jax.ShapeDtypeStruct((num_groups, lhs.shape[1], dout.shape[1]), jnp.float32)
     args = (lhs.astype(jnp.float32), dout.astype(jnp.float32), group_sizes.astype(jnp.int32))
-    if lhs_rows is None:
+    if lhs_rows is None and dout_rows is None:
         out = jax.ffi.ffi_call(_TARGETS["tgmm"], out_type, vmap_method="sequential")(*args)
-    else:
+    else:  # an empty id array: that operand is not gathered
+        ids = [
+            jnp.zeros((0,), jnp.int32) if r is None else r.astype(jnp.int32)
+            for r in (lhs_rows, dout_rows)
+        ]
         call = jax.ffi.ffi_call(_TARGETS["tgmm_rows"], out_type, vmap_method="sequential")
-        out = call(*args, lhs_rows.astype(jnp.int32))
+        out = call(*args, *ids)
     return out.astype(out_dtype)

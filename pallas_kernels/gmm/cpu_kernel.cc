@@ -434,11 +434,30 @@ void GroupStarts(const int32_t* sizes, int64_t num_groups, int64_t num_rows,
     starts[g + 1] = std::min<int64_t>(starts[g] + std::max<int32_t>(sizes[g], 0), num_rows);
 }
 
+// Rows of a product's lhs: lhs[ids[r]] where `ids` is given (the rows are gathered into a
+// per-item buffer, so the caller need not materialise lhs[ids], e.g. the rows of a dispatch
+// sorted by expert), else lhs[r]. Returns false if an id is outside [0, num_rows).
+bool IdsInRange(const int32_t* ids, int64_t count, int64_t num_rows) {
+  for (int64_t i = 0; i < count; ++i)
+    if (ids[i] < 0 || ids[i] >= num_rows) return false;
+  return true;
+}
+
+// dst[r, :] = src[ids[r0 + r], c0 : c0 + width] for r < rows (src has row stride lds).
+void GatherRows(const float* src, int64_t lds, const int32_t* ids, int64_t r0, int64_t rows,
+                int64_t c0, int64_t width, std::vector<float>& dst) {
+  dst.resize(static_cast<size_t>(rows * width));
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst.data() + r * width, src + static_cast<int64_t>(ids[r0 + r]) * lds + c0,
+                width * sizeof(float));
+}
+
 // out[rows of g] = lhs[rows of g] @ rhs[g]^T for rhs [G, N, K], computed transposed (see
 // kNT). Items: (group, up to 4 row tiles, up to kPanelsNT column panels); each packs its row
 // tiles once and runs the column panels outermost, so a panel of rhs[g] is read from memory
 // once per item and the next panel (or the next item's first one) is prefetched meanwhile.
-void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
+// With `ids`, row r of lhs is x[ids[r]] (gathered per item).
+void GmmNT(ffi::ThreadPool& pool, const float* x, const int32_t* ids, const float* w,
            const std::vector<int64_t>& starts, int64_t k, int64_t n, float* y, bool stream) {
   struct Item { int64_t g, r0, r1, c0, c1; };
   const int64_t tile_bytes = k * kNT * static_cast<int64_t>(sizeof(float));
@@ -454,9 +473,14 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
   // With `stream`, the item's [rows, c0:c1] block goes to a scratch buffer and then out with
   // non-temporal stores (the transposed micro-tiles store 12-column pieces: partial lines).
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t idx, int64_t nxt) {
-    thread_local std::vector<float> pack, block;
+    thread_local std::vector<float> pack, block, gathered;
     const Item& it = items[idx];
     const int64_t rows = it.r1 - it.r0;
+    const float* xr = x + it.r0 * k;  // the item's lhs rows
+    if (ids != nullptr) {
+      GatherRows(x, k, ids, it.r0, rows, 0, k, gathered);
+      xr = gathered.data();
+    }
     // Only a group's last item has rows % kVL != 0 (row_block is a multiple of kNT).
     const int tail = DotTailRows(static_cast<int>(rows % kVL), k);
     const int64_t vec_rows = rows - tail, tiles = (vec_rows + kNT - 1) / kNT;
@@ -469,7 +493,7 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
     }
     pack.resize(static_cast<size_t>(tiles * k * kNT));
     for (int64_t t = 0; t < tiles; ++t)
-      PackStrip(k, x + (it.r0 + t * kNT) * k, 1, k, 0, std::min<int64_t>(kNT, vec_rows - t * kNT),
+      PackStrip(k, xr + t * kNT * k, 1, k, 0, std::min<int64_t>(kNT, vec_rows - t * kNT),
                 pack.data() + t * k * kNT, kNT);
     const float* wg = w + it.g * n * k;
     // Prefetched meanwhile: the next panel, or the next item's first one if not this item's.
@@ -496,7 +520,7 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
 #if defined(__AVX512F__)
       if (tail > 0)
         DotRows(tail, static_cast<int>(std::min<int64_t>(kMT, it.c1 - c)), k,
-                x + (it.r0 + vec_rows) * k, k, a, k, out + vec_rows * ldo + (c - it.c0), ldo);
+                xr + vec_rows * k, k, a, k, out + vec_rows * ldo + (c - it.c0), ldo);
 #endif
     }
     if (stream) {
@@ -506,25 +530,7 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const float* w,
   });
 }
 
-// Rows of a product's lhs: lhs[ids[r]] where `ids` is given (the rows are gathered into a
-// per-item buffer, so the caller need not materialise lhs[ids], e.g. the rows of a dispatch
-// sorted by expert), else lhs[r]. Returns false if an id is outside [0, num_rows).
-bool IdsInRange(const int32_t* ids, int64_t count, int64_t num_rows) {
-  for (int64_t i = 0; i < count; ++i)
-    if (ids[i] < 0 || ids[i] >= num_rows) return false;
-  return true;
-}
-
-// dst[r, :] = src[ids[r0 + r], c0 : c0 + width] for r < rows (src has row stride lds).
-void GatherRows(const float* src, int64_t lds, const int32_t* ids, int64_t r0, int64_t rows,
-                int64_t c0, int64_t width, std::vector<float>& dst) {
-  dst.resize(static_cast<size_t>(rows * width));
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(dst.data() + r * width, src + static_cast<int64_t>(ids[r0 + r]) * lds + c0,
-                width * sizeof(float));
-}
-
-// out [M, N]; lhs [M, K] or, with ids (M of them, forward only), [T, K].
+// out [M, N]; lhs [M, K] or, with ids (M of them), [T, K].
 ffi::Error GmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs, ffi::Buffer<ffi::F32>& rhs,
                      ffi::Buffer<ffi::S32>& group_sizes, const int32_t* ids, int64_t num_ids,
                      ffi::ResultBuffer<ffi::F32>& out, bool transpose_rhs) {
@@ -541,9 +547,8 @@ ffi::Error GmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs, ffi::Buf
   const auto od = out->dimensions();
   if (od.size() != 2 || od[0] != m || od[1] != n)
     return ffi::Error::InvalidArgument("jmoe gmm: out must be [M, N]");
-  if (ids != nullptr && (transpose_rhs || !IdsInRange(ids, num_ids, ld[0])))
-    return ffi::Error::InvalidArgument(
-        "jmoe gmm: lhs_rows must lie in [0, T) for lhs [T, K] (forward product only)");
+  if (ids != nullptr && !IdsInRange(ids, num_ids, ld[0]))
+    return ffi::Error::InvalidArgument("jmoe gmm: lhs_rows must lie in [0, T) for lhs [T, K]");
   std::vector<int64_t> starts;
   GroupStarts(group_sizes.typed_data(), g_count, m, starts);
   const float* x = lhs.typed_data();
@@ -554,7 +559,7 @@ ffi::Error GmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs, ffi::Buf
   const bool stream =
       Streamable(y, n) && m * n * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
   if (transpose_rhs) {
-    GmmNT(pool, x, w, starts, k, n, y, stream);
+    GmmNT(pool, x, ids, w, starts, k, n, y, stream);
     return ffi::Error::Success();
   }
   // Items: (group, row block, strip block).
@@ -607,26 +612,31 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<
 
 ffi::Error GmmRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs,
                        ffi::Buffer<ffi::S32> group_sizes, ffi::Buffer<ffi::S32> lhs_rows,
-                       ffi::ResultBuffer<ffi::F32> out) {
+                       ffi::ResultBuffer<ffi::F32> out, bool transpose_rhs) {
   return GmmCommon(pool, lhs, rhs, group_sizes, lhs_rows.typed_data(),
-                   static_cast<int64_t>(lhs_rows.element_count()), out, false);
+                   static_cast<int64_t>(lhs_rows.element_count()), out, transpose_rhs);
 }
 
-// out [G, K, N]; dout [M, N]; lhs [M, K] or, with ids (M of them), [T, K].
+// out [G, K, N]; lhs [M, K] or, with ids (M of them), [T, K]; dout [M, N] or, with
+// dout_ids (M of them), [T', N].
 ffi::Error TgmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs,
                       ffi::Buffer<ffi::F32>& dout, ffi::Buffer<ffi::S32>& group_sizes,
-                      const int32_t* ids, ffi::ResultBuffer<ffi::F32>& out) {
+                      const int32_t* ids, const int32_t* dout_ids, int64_t m,
+                      ffi::ResultBuffer<ffi::F32>& out) {
   const auto ld = lhs.dimensions();
   const auto dd = dout.dimensions();
   const auto od = out->dimensions();
-  if (ld.size() != 2 || dd.size() != 2 || od.size() != 3 || (ids == nullptr && dd[0] != ld[0]) ||
-      od[1] != ld[1] || od[2] != dd[1])
+  if (ld.size() != 2 || dd.size() != 2 || od.size() != 3 || (ids == nullptr && ld[0] != m) ||
+      (dout_ids == nullptr && dd[0] != m) || od[1] != ld[1] || od[2] != dd[1])
     return ffi::Error::InvalidArgument("jmoe tgmm: lhs [M, K], dout [M, N], out [G, K, N]");
-  const int64_t m = dd[0], k = ld[1], n = dd[1], g_count = od[0];
+  const int64_t k = ld[1], n = dd[1], g_count = od[0];
   if (group_sizes.element_count() < static_cast<size_t>(g_count))
     return ffi::Error::InvalidArgument("jmoe tgmm: fewer group sizes than output groups");
   if (ids != nullptr && !IdsInRange(ids, m, ld[0]))
     return ffi::Error::InvalidArgument("jmoe tgmm: lhs_rows must lie in [0, T) for lhs [T, K]");
+  if (dout_ids != nullptr && !IdsInRange(dout_ids, m, dd[0]))
+    return ffi::Error::InvalidArgument(
+        "jmoe tgmm: dout_rows must lie in [0, T) for dout [T, N]");
   std::vector<int64_t> starts;
   GroupStarts(group_sizes.typed_data(), g_count, m, starts);
   const float* x = lhs.typed_data();
@@ -636,7 +646,7 @@ ffi::Error TgmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs,
   const bool stream = Streamable(dw, n);
   const int64_t blocks = (k + panel_rows - 1) / panel_rows;
   ParallelFor(pool, g_count * blocks, [&](int64_t idx, int64_t) {
-    thread_local std::vector<float> pack, gathered;
+    thread_local std::vector<float> pack, gathered, gathered_dout;
     const int64_t g = idx / blocks;
     const int64_t k0 = (idx % blocks) * panel_rows, k1 = std::min(k0 + panel_rows, k);
     const int64_t rows = starts[g + 1] - starts[g];
@@ -659,6 +669,10 @@ ffi::Error TgmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs,
         lda = k1 - k0;
       }
       const float* b = dy + (starts[g] + r0) * n;
+      if (dout_ids != nullptr) {  // this pass's dout rows
+        GatherRows(dy, n, dout_ids, starts[g] + r0, len, 0, n, gathered_dout);
+        b = gathered_dout.data();
+      }
       for (int64_t n0 = 0; n0 < n; n0 += kNR) {
         const int64_t width = std::min<int64_t>(kNR, n - n0);
         if (r0 > 0)
@@ -676,15 +690,21 @@ ffi::Error TgmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs,
 
 ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> dout,
                     ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out) {
-  return TgmmCommon(pool, lhs, dout, group_sizes, nullptr, out);
+  return TgmmCommon(pool, lhs, dout, group_sizes, nullptr, nullptr, dout.dimensions()[0], out);
 }
 
+// lhs_rows and dout_rows: [M] ids, or empty where that operand is not gathered (M is the
+// length of the one given).
 ffi::Error TgmmRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
                         ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::S32> group_sizes,
-                        ffi::Buffer<ffi::S32> lhs_rows, ffi::ResultBuffer<ffi::F32> out) {
-  if (lhs_rows.element_count() != static_cast<size_t>(dout.dimensions()[0]))
-    return ffi::Error::InvalidArgument("jmoe tgmm: lhs_rows must have M = dout rows entries");
-  return TgmmCommon(pool, lhs, dout, group_sizes, lhs_rows.typed_data(), out);
+                        ffi::Buffer<ffi::S32> lhs_rows, ffi::Buffer<ffi::S32> dout_rows,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  const size_t n_lhs = lhs_rows.element_count(), n_dout = dout_rows.element_count();
+  if ((n_lhs == 0 && n_dout == 0) || (n_lhs > 0 && n_dout > 0 && n_lhs != n_dout))
+    return ffi::Error::InvalidArgument("jmoe tgmm: lhs_rows and dout_rows must both have M ids");
+  const int64_t m = static_cast<int64_t>(n_lhs > 0 ? n_lhs : n_dout);
+  return TgmmCommon(pool, lhs, dout, group_sizes, n_lhs > 0 ? lhs_rows.typed_data() : nullptr,
+                    n_dout > 0 ? dout_rows.typed_data() : nullptr, m, out);
 }
 
 }  // namespace
@@ -713,13 +733,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JmoeGmmRowsF32, GmmRowsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_rhs"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JmoeTgmmRowsF32, TgmmRowsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -102,3 +102,34 @@ def test_dispatch_matmul_matches_dispatch_then_grouped_matmul(impl, t, k, e, d, 
     want = jax.grad(loss(plain), (0, 1))(x, rhs)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", [None, "xla", "reference"])
+@pytest.mark.parametrize(
+    "t,k,e,f,d", [(7, 1, 3, 5, 4), (33, 4, 6, 16, 20), (20, 2, 40, 9, 17), (64, 8, 16, 24, 8)]
+)
+def test_matmul_combine_matches_grouped_matmul_then_combine(impl, t, k, e, f, d):
+    """Values and all three gradients (rows, weights, combine weights) against grouped_matmul
+    then a plain unpermute-and-sum, on both paths (F < D with the native CPU kernel: the
+    fused backward; else the composition); inactive slots (weight 0) are rows past the
+    groups, and (t, k, e) = (20, 2, 40) leaves most experts empty."""
+    _, w, order, inv, sizes = _problem(t, k, e, d, seed=t + 2)
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.standard_normal((t * k, f)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), jnp.float32)
+    c = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+    inv_TxK = inv.reshape(t, k)
+
+    def fused(h, rhs, w):
+        return ops.matmul_combine(h, rhs, sizes, order, inv_TxK, w, implementation=impl)
+
+    def plain(h, rhs, w):
+        ys = ops.grouped_matmul(h, rhs, sizes, implementation="reference")
+        return jnp.sum(ys[inv_TxK] * w[..., None], axis=1)
+
+    np.testing.assert_allclose(jax.jit(fused)(h, rhs, w), plain(h, rhs, w), rtol=1e-5, atol=1e-5)
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a) * c)
+    got = jax.jit(jax.grad(loss(fused), (0, 1, 2)))(h, rhs, w)
+    want = jax.grad(loss(plain), (0, 1, 2))(h, rhs, w)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
