@@ -167,6 +167,18 @@ class GmmTestBase:
             _close(got(x, w_arg, gs, lhs_rows=rows), reference.gmm(x[rows], w, gs), jnp.float32)
             dw_ref = reference.tgmm(x[rows], c, gs)
             _close(jax.jit(self.call_tgmm)(x, c, gs, lhs_rows=rows), dw_ref, jnp.float32)
+            # dout_rows, alone and with lhs_rows: dout [t, k] read through the same ids.
+            h = c[:, :k] if n >= k else jnp.tile(c, (1, -(-k // n)))[:, :k]
+            _close(
+                jax.jit(self.call_tgmm)(h, x, gs, dout_rows=rows),
+                reference.tgmm(h, x[rows], gs),
+                jnp.float32,
+            )
+            _close(
+                jax.jit(self.call_tgmm)(x, x, gs, lhs_rows=rows, dout_rows=rows[::-1]),
+                reference.tgmm(x[rows], x[rows[::-1]], gs),
+                jnp.float32,
+            )
             dx, dw = jax.jit(jax.grad(loss, (0, 1)))(x, w_arg)
             rdx, rdw = jax.grad(ref_loss, (0, 1))(x, w)
             _close(dx, rdx, jnp.float32)
@@ -529,6 +541,18 @@ def test_lhs_rows_errors():
         with pytest.raises(Exception, match="lhs_rows must lie in"):
             jax.block_until_ready(gmm(x, w, gs, lhs_rows=bad, implementation="cpu_ffi"))
     assert np.isnan(np.asarray(gmm(x, w, gs, lhs_rows=bad, implementation="xla"))[5]).all()
+    with pytest.raises(ValueError, match="dout_rows"):
+        tgmm(x, x, gs, dout_rows=jnp.zeros((6, 1), jnp.int32))
+    with pytest.raises(ValueError, match="dout"):
+        tgmm(x, x, gs, dout_rows=jnp.zeros((5,), jnp.int32))
+    if jax.default_backend() == "cpu" and gmm_cpu.available():
+        with pytest.raises(Exception, match="dout_rows must lie in"):
+            jax.block_until_ready(tgmm(x, x, gs, dout_rows=bad, implementation="cpu_ffi"))
+        with pytest.raises(Exception, match="lhs_rows must lie in"):
+            wt = jnp.swapaxes(w, 1, 2)
+            out = gmm(x, wt, gs, transpose_rhs=True, lhs_rows=bad, implementation="cpu_ffi")
+            jax.block_until_ready(out)
+    assert np.isnan(np.asarray(tgmm(x, x, gs, dout_rows=bad, implementation="xla"))[1]).any()
 
 
 def test_shape_errors_name_the_argument():
