@@ -74,36 +74,27 @@ def bench(model, mesh, x, repeats):
     return min(times), a2a_bytes_per_device(fwd_text) * mesh.size, aux
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    t, d, f, e, k = args.tokens, 512, 1024, 8, 2
-    x = jax.random.normal(jax.random.key(0), (t // 256, 256, d), jnp.float32)
-    base = dict(num_experts=e, top_k=k, d_ff=f, capacity_factor=1.25)
-    minimum = 2 * t * k * d * 4
-    single = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    t1, _, _ = bench(MoE(**base), single, x, args.repeats)
-    t1 = min(t1, bench(MoE(**base), single, x, args.repeats)[0])  # min of two rounds: noisy CPU
-    print(f"1 device: {t1 * 1e3:.1f} ms")
-    cases = [
-        ("dropless, exact bound", "1x8", dict(dispatch="dropless")),
-        ("dropless, bound 1.25", "1x8", dict(dispatch="dropless", ep_buffer_factor=1.25)),
-        ("dropless, exact bound", "2x4", dict(dispatch="dropless")),
-        ("dropless, bound 1.25", "2x4", dict(dispatch="dropless", ep_buffer_factor=1.25)),
-        ("capacity cf 1.25, exact", "1x8", dict(dispatch="capacity")),
-        ("capacity cf 1.25, bound 1.25", "1x8", dict(dispatch="capacity", ep_buffer_factor=1.25)),
-        ("dropless, exact, tensor 2", "2x2x2", dict(dispatch="dropless")),
-        ("dropless, ragged (emulated)", "1x8", dict(dispatch="dropless", ep_a2a="ragged_emulated")),
-    ]
+CASES = [  # (layer, mesh as data x expert [x tensor], MoE keyword arguments)
+    ("dropless, exact bound", "1x8", dict(dispatch="dropless")),
+    ("dropless, bound 1.25", "1x8", dict(dispatch="dropless", ep_buffer_factor=1.25)),
+    ("dropless, exact bound", "2x4", dict(dispatch="dropless")),
+    ("dropless, bound 1.25", "2x4", dict(dispatch="dropless", ep_buffer_factor=1.25)),
+    ("capacity cf 1.25, exact", "1x8", dict(dispatch="capacity")),
+    ("capacity cf 1.25, bound 1.25", "1x8", dict(dispatch="capacity", ep_buffer_factor=1.25)),
+    ("dropless, exact, tensor 2", "2x2x2", dict(dispatch="dropless")),
+    ("dropless, ragged (emulated)", "1x8", dict(dispatch="dropless", ep_a2a="ragged_emulated")),
+]
+
+
+def _sharded_rows(base, x, repeats, minimum, t1):
+    """One table row per case: (layer, mesh, a2a bytes, x minimum, EP overflow, capacity
+    dropped, fwd+bwd seconds, ratio vs 1 device)."""
     rows = []
-    for name, mesh_name, kw in cases:
+    for name, mesh_name, kw in CASES:
         sizes = [int(s) for s in mesh_name.split("x")] + [1]
         mesh = make_mesh(MeshConfig(data=sizes[0], expert=sizes[1], tensor=sizes[2]))
         model = MoE(**base, **kw, expert_axis="expert", tensor_axis="tensor", mesh=mesh)
-        ts, moved, aux = bench(model, mesh, x, args.repeats)
+        ts, moved, aux = bench(model, mesh, x, repeats)
         if kw.get("ep_a2a") == "ragged_emulated":
             # What `jax.lax.ragged_all_to_all` moves on TPU/GPU (the emulation pads on CPU):
             # the layer's own count of kept active rows, out and back.
@@ -112,6 +103,11 @@ def main():
         drop = float(aux["dropped_fraction"])
         rows.append((name, mesh_name, moved, moved / minimum, over, drop, ts, ts / t1))
         print(rows[-1])
+    return rows
+
+
+def _section_text(args, dims, minimum, t1, rows) -> str:
+    t, d, f, e, k = dims
     head = (
         "| layer | mesh (data x expert [x tensor]) | a2a bytes / layer fwd | x minimum | "
         "EP overflow | capacity dropped | fwd+bwd ms (8 dev) | ratio vs 1 dev |\n"
@@ -122,7 +118,7 @@ def main():
         f"{s * 1e3:.1f} | {q:.2f} |\n"
         for n, m, b, r, o, dr, s, q in rows
     )
-    text = (
+    return (
         f"{machine_line()} 8 simulated CPU devices; load average at the end "
         f"{os.getloadavg()[0]:.1f} (times on shared cores are indicative). "
         f"`benchmarks/expert_parallel.py --repeats {args.repeats} --tokens {t}`.\n\n"
@@ -146,6 +142,24 @@ def main():
         + head
         + body
     )
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    t, d, f, e, k = args.tokens, 512, 1024, 8, 2
+    x = jax.random.normal(jax.random.key(0), (t // 256, 256, d), jnp.float32)
+    base = dict(num_experts=e, top_k=k, d_ff=f, capacity_factor=1.25)
+    minimum = 2 * t * k * d * 4
+    single = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    t1, _, _ = bench(MoE(**base), single, x, args.repeats)
+    t1 = min(t1, bench(MoE(**base), single, x, args.repeats)[0])  # min of two rounds: noisy CPU
+    print(f"1 device: {t1 * 1e3:.1f} ms")
+    rows = _sharded_rows(base, x, args.repeats, minimum, t1)
+    text = _section_text(args, (t, d, f, e, k), minimum, t1, rows)
     print(text)
     if not args.no_write:
         write_section("expert parallel", text)

@@ -77,6 +77,20 @@ def _fwd_bwd(f):
     return jax.jit(jax.grad(loss, (0, 1)))
 
 
+def _interleaved_times(fns, repeats, g):
+    """Seconds per call of every ``key: (fn, args)``, one call of each per round: interleaving
+    the measurements makes drift on a shared machine hit all columns alike."""
+    t = {key: [] for key in fns}
+    for rep in range(repeats):
+        for key, (fn, args) in fns.items():
+            if key == "rd" and g >= 64 and rep >= 2:
+                continue  # G x the FLOPs: seconds per call; two samples suffice
+            t[key].append(timeit(fn, *args, repeats=1))
+            if key == "rd":
+                release_freed_memory()
+    return t
+
+
 def cpu_table(quick: bool) -> str:
     """fwd+bwd of the CPU default (the native FFI kernel when it builds) against its peers."""
     impl = api.resolve_implementation(None)
@@ -107,8 +121,6 @@ def cpu_table(quick: bool) -> str:
             rd_f = lambda x, w, gs=gs: jax.lax.ragged_dot(x, w, gs)
             ours, loop, rd = _fwd_bwd(ours_f), _fwd_bwd(loop_f), _fwd_bwd(rd_f)
             ours_fwd = jax.jit(ours_f)
-            # Interleave the measurements so drift on a shared machine hits all columns alike.
-            t = {"ours": [], "dense": [], "loop": [], "rd": [], "fwd": [], "fill": []}
             fns = {
                 "ours": (ours, (x, w, c)),
                 "dense": (dense, (x, w_dense, c)),
@@ -117,13 +129,7 @@ def cpu_table(quick: bool) -> str:
                 "fwd": (ours_fwd, (x, w)),
                 "fill": (fill, (w,)),
             }
-            for rep in range(repeats):
-                for key, (fn, args) in fns.items():
-                    if key == "rd" and g >= 64 and rep >= 2:
-                        continue  # G x the FLOPs: seconds per call; two samples suffice
-                    t[key].append(timeit(fn, *args, repeats=1))
-                    if key == "rd":
-                        release_freed_memory()
+            t = _interleaved_times(fns, repeats, g)
             med = {key: statistics.median(v) for key, v in t.items()}
             best = {key: min(v) for key, v in t.items()}
             flops = 3 * 2 * m * k * n

@@ -78,16 +78,10 @@ def candidates(p):
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    probs = make_problems(args.quick)
-    cands = {id(p): candidates(p) for p in probs}
-    jobs = [((id(p), i), f, a) for p in probs for i, (_, f, a) in enumerate(cands[id(p)])]
-    exes = compile_all(jobs, workers=8)
+def _check_outputs(probs, cands, exes):
+    """Runs every compiled candidate once: "row err / diff vs triton" per (problem, candidate)
+    key, or why it failed; a candidate that fails to run has its executable replaced by the
+    error in ``exes``."""
     checks = {}
     for p in probs:
         base_out = None
@@ -114,16 +108,11 @@ def main():
                 exes[(id(p), i)] = e
                 checks[(id(p), i)] = "run failed"
         print(f"checked {p.name} {p.kind}", flush=True)
-    torch_times = {id(p): [] for p in probs}
+    return checks
 
-    def torch_round(p):
-        if p.kind == "fwd":
-            try:
-                torch_times[id(p)].append(_torch_grouped_mm(p.x, p.w, p.gs_np, 1, 5))
-            except Exception as e:  # noqa: BLE001
-                print(f"torch failed: {e}", flush=True)
 
-    times = interleaved_rounds(probs, cands, exes, args.rounds, torch_round)
+def _tables(probs, cands, times, torch_times, checks):
+    """One markdown table per problem, under the machine line."""
     lines = [machine_line()]
     for p in probs:
         lines += [
@@ -148,7 +137,31 @@ def main():
                 f"| {label} | {p.flops / med / 1e12:.0f} | {tf[0]:.0f} | {tf[-1]:.0f} | "
                 f"{base / med:.3f} | {chk} |"
             )
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    probs = make_problems(args.quick)
+    cands = {id(p): candidates(p) for p in probs}
+    jobs = [((id(p), i), f, a) for p in probs for i, (_, f, a) in enumerate(cands[id(p)])]
+    exes = compile_all(jobs, workers=8)
+    checks = _check_outputs(probs, cands, exes)
+    torch_times = {id(p): [] for p in probs}
+
+    def torch_round(p):
+        if p.kind == "fwd":
+            try:
+                torch_times[id(p)].append(_torch_grouped_mm(p.x, p.w, p.gs_np, 1, 5))
+            except Exception as e:  # noqa: BLE001
+                print(f"torch failed: {e}", flush=True)
+
+    times = interleaved_rounds(probs, cands, exes, args.rounds, torch_round)
+    text = _tables(probs, cands, times, torch_times, checks)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "mgpu_ab.md"), "w") as f:
         f.write(text + "\n")

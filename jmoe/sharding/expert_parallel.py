@@ -23,6 +23,7 @@ Axis legend: P expert-axis size, E_l = E / P local experts, T_l local tokens, B 
 import math
 from collections.abc import Sequence
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -219,6 +220,119 @@ def _param_specs(params, expert_axis, tensor_axis):
     return specs
 
 
+class _ModeOpts(NamedTuple):
+    """The dispatch-mode options of `expert_parallel_ffn`."""
+
+    capacity_factor: float
+    min_capacity: int
+    batch_priority: bool
+    buffer_factor: float | None
+    implementation: object
+
+
+def _shard_geometry(mesh, params, routing, num_experts, expert_axis, tensor_axis, data_axes):
+    """Validates the axes and sizes; returns (mesh, batch axes, batch shards, kwargs shared
+    by the per-device bodies: `e`, `p`, `axis`, `tensor_axis`)."""
+    mesh = resolve_mesh(mesh)
+    names = tuple(mesh.axis_names)
+    if expert_axis not in names:
+        raise ValueError(f"expert_axis={expert_axis!r} is not a mesh axis {names}")
+    if tensor_axis is not None and tensor_axis not in names:
+        raise ValueError(f"tensor_axis={tensor_axis!r} is not a mesh axis {names}")
+    p = axis_size(mesh, expert_axis)
+    if num_experts % p:
+        raise ValueError(
+            f"num_experts={num_experts} must be divisible by the {expert_axis!r} axis size {p}"
+        )
+    width = params["w_out"].shape[1]
+    if tensor_axis is not None and width % axis_size(mesh, tensor_axis):
+        raise ValueError(
+            f"expert width {width} must be divisible by the {tensor_axis!r} axis "
+            f"size {axis_size(mesh, tensor_axis)}"
+        )
+    baxes = batch_axes(mesh, data_axes, expert_axis)
+    n_shards = axis_size(mesh, baxes)
+    t, _ = routing.expert_ids.shape
+    if t % n_shards:
+        raise ValueError(
+            f"{t} tokens cannot be split over the batch axes {baxes} ({n_shards} shards)"
+        )
+    common = dict(e=num_experts, p=p, axis=expert_axis, tensor_axis=tensor_axis)
+    return mesh, baxes, n_shards, common
+
+
+def _capacity_mask(routing, active, e, cap, batch_priority):
+    """The global (single-device) capacity decision: (kept-slot mask, dropped fraction)."""
+    prio = None
+    if batch_priority:
+        top_w = jnp.max(jnp.where(active, routing.weights, -jnp.inf), axis=-1, keepdims=True)
+        prio = jnp.broadcast_to(top_w, active.shape)
+    pos = ops.capacity_positions(routing.expert_ids, active, e, priority_TxK=prio)
+    mask = active & (pos >= 0) & (pos < cap)
+    n_active = jnp.sum(active)
+    dropped = (n_active - jnp.sum(mask)) / jnp.maximum(n_active, 1)
+    return mask, dropped
+
+
+def _dispatch_setup(dispatch, kind, routing, active, x, n_shards, common, opts: _ModeOpts):
+    """Per dispatch mode: (per-device body, slot mask, dropped fraction, rows per block B,
+    a2a bytes per device, None where they are data dependent)."""
+    t, k = routing.expert_ids.shape
+    t_l, d = t // n_shards, x.shape[-1]
+    e, p = common["e"], common["p"]
+    itemsize = jnp.dtype(x.dtype).itemsize
+    impl, factor = opts.implementation, opts.buffer_factor
+    if dispatch == "dropless" and kind != "padded":
+        b = ragged_buffer_rows(t_l, k, e, p, factor)
+        local = partial(_ragged_local, r=b, impl=impl, emulate=kind == "ragged_emulated", **common)
+        return local, active, jnp.float32(0.0), b, None  # the active rows, out and back
+    if dispatch == "dropless":
+        b = dropless_buffer_rows(t_l, k, e, p, factor)
+        local = partial(_dropless_local, b=b, impl=impl, **common)
+        return local, active, jnp.float32(0.0), b, 2 * p * b * d * itemsize
+    if dispatch == "capacity":
+        cap = dispatch_lib.capacity(t, k, e, opts.capacity_factor, opts.min_capacity)
+        mask, dropped = _capacity_mask(routing, active, e, cap, opts.batch_priority)
+        b = capacity_buffer_rows(t_l, k, e, cap, factor)
+        local = partial(_capacity_local, b=b, **common)
+        return local, mask, dropped, b, 2 * e * b * d * itemsize
+    raise ValueError(f"dispatch={dispatch!r} is not one of {dispatch_lib.DISPATCH_KINDS}")
+
+
+def _run_local(local, mesh, baxes, pspecs, args):
+    """`local` on every device under `shard_map`: (y, overflow psum'd over every mesh axis)."""
+    names = tuple(mesh.axis_names)
+    bspec = P(baxes, None)
+
+    def body(prm, xx, ii, mm, ww):
+        y, over = local(prm, xx, ii, mm, ww)
+        return y, jax.lax.psum(over, names)
+
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(pspecs, bspec, bspec, bspec, bspec),
+        out_specs=(bspec, P()),
+        check_vma=False,  # kernels (gmm loops, Pallas) are not varying-manual-axes aware
+    )
+    return fn(*args)
+
+
+def _ep_aux(mesh, n_shards, x, mask, overflow, a2a_bytes, b):
+    """`ep_overflow_fraction`, `ep_a2a_bytes` and `ep_buffer_rows`."""
+    d, itemsize = x.shape[-1], jnp.dtype(x.dtype).itemsize
+    # every overflow count is psum'd over all axes; replicas along non-batch axes repeat it.
+    reps = math.prod(dict(mesh.shape)[a] for a in mesh.axis_names) // n_shards
+    n_kept = jnp.maximum(jnp.sum(mask), 1)
+    if a2a_bytes is None:  # ragged: every kept active row, out and back, from every device
+        a2a_bytes = 2.0 * (jnp.sum(mask) - overflow / reps) * d * itemsize / n_shards
+    return {
+        "ep_overflow_fraction": (overflow / reps / n_kept).astype(jnp.float32),
+        "ep_a2a_bytes": jnp.asarray(a2a_bytes, jnp.float32),
+        "ep_buffer_rows": jnp.int32(b),
+    }
+
+
 def expert_parallel_ffn(
     params,
     x_TxD,
@@ -258,88 +372,18 @@ def expert_parallel_ffn(
       dropless) and aux with `ep_overflow_fraction` and `ep_a2a_bytes` (bytes each device sends
       through the all-to-alls per forward pass: rows in both directions).
     """
-    mesh = resolve_mesh(mesh)
-    names = tuple(mesh.axis_names)
-    if expert_axis not in names:
-        raise ValueError(f"expert_axis={expert_axis!r} is not a mesh axis {names}")
-    if tensor_axis is not None and tensor_axis not in names:
-        raise ValueError(f"tensor_axis={tensor_axis!r} is not a mesh axis {names}")
-    p = axis_size(mesh, expert_axis)
-    if num_experts % p:
-        raise ValueError(
-            f"num_experts={num_experts} must be divisible by the {expert_axis!r} axis size {p}"
-        )
-    width = params["w_out"].shape[1]
-    if tensor_axis is not None and width % axis_size(mesh, tensor_axis):
-        raise ValueError(
-            f"expert width {width} must be divisible by the {tensor_axis!r} axis "
-            f"size {axis_size(mesh, tensor_axis)}"
-        )
-    baxes = batch_axes(mesh, data_axes, expert_axis)
-    n_shards = axis_size(mesh, baxes)
-    t, k = routing.expert_ids.shape
-    if t % n_shards:
-        raise ValueError(
-            f"{t} tokens cannot be split over the batch axes {baxes} ({n_shards} shards)"
-        )
-    t_l, d = t // n_shards, x_TxD.shape[-1]
-    e = num_experts
-    active = routing.active(e)
+    mesh, baxes, n_shards, common = _shard_geometry(
+        mesh, params, routing, num_experts, expert_axis, tensor_axis, data_axes
+    )
+    active = routing.active(num_experts)
     w = jnp.where(active, routing.weights, 0.0)
     x = x_TxD.astype(params["w_out"].dtype)
-    bspec = P(baxes, None)
     pspecs = _param_specs(params, expert_axis, tensor_axis)
-    itemsize = jnp.dtype(x.dtype).itemsize
-    common = dict(e=e, p=p, axis=expert_axis, tensor_axis=tensor_axis, activation=activation)
-    kind = resolve_a2a(a2a)
-    if dispatch == "dropless" and kind != "padded":
-        b = ragged_buffer_rows(t_l, k, e, p, buffer_factor)
-        local = partial(
-            _ragged_local, r=b, impl=implementation, emulate=kind == "ragged_emulated", **common
-        )
-        mask, dropped = active, jnp.float32(0.0)
-        a2a_bytes = None  # data dependent: the active rows, out and back
-    elif dispatch == "dropless":
-        b = dropless_buffer_rows(t_l, k, e, p, buffer_factor)
-        local = partial(_dropless_local, b=b, impl=implementation, **common)
-        mask, dropped = active, jnp.float32(0.0)
-        a2a_bytes = 2 * p * b * d * itemsize
-    elif dispatch == "capacity":
-        cap = dispatch_lib.capacity(t, k, e, capacity_factor, min_capacity)
-        prio = None
-        if batch_priority:
-            top_w = jnp.max(jnp.where(active, routing.weights, -jnp.inf), axis=-1, keepdims=True)
-            prio = jnp.broadcast_to(top_w, active.shape)
-        pos = ops.capacity_positions(routing.expert_ids, active, e, priority_TxK=prio)
-        mask = active & (pos >= 0) & (pos < cap)
-        n_active = jnp.sum(active)
-        dropped = (n_active - jnp.sum(mask)) / jnp.maximum(n_active, 1)
-        b = capacity_buffer_rows(t_l, k, e, cap, buffer_factor)
-        local = partial(_capacity_local, b=b, **common)
-        a2a_bytes = 2 * e * b * d * itemsize
-    else:
-        raise ValueError(f"dispatch={dispatch!r} is not one of {dispatch_lib.DISPATCH_KINDS}")
-
-    def body(prm, xx, ii, mm, ww):
-        y, over = local(prm, xx, ii, mm, ww)
-        return y, jax.lax.psum(over, names)
-
-    fn = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(pspecs, bspec, bspec, bspec, bspec),
-        out_specs=(bspec, P()),
-        check_vma=False,  # kernels (gmm loops, Pallas) are not varying-manual-axes aware
+    common["activation"] = activation
+    opts = _ModeOpts(capacity_factor, min_capacity, batch_priority, buffer_factor, implementation)
+    local, mask, dropped, b, a2a_bytes = _dispatch_setup(
+        dispatch, resolve_a2a(a2a), routing, active, x, n_shards, common, opts
     )
-    y, overflow = fn(params, x, routing.expert_ids, mask, w)
-    # every overflow count is psum'd over all axes; replicas along non-batch axes repeat it.
-    reps = math.prod(dict(mesh.shape)[a] for a in names) // n_shards
-    n_kept = jnp.maximum(jnp.sum(mask), 1)
-    if a2a_bytes is None:  # ragged: every kept active row, out and back, from every device
-        a2a_bytes = 2.0 * (jnp.sum(mask) - overflow / reps) * d * itemsize / n_shards
-    aux = {
-        "ep_overflow_fraction": (overflow / reps / n_kept).astype(jnp.float32),
-        "ep_a2a_bytes": jnp.asarray(a2a_bytes, jnp.float32),
-        "ep_buffer_rows": jnp.int32(b),
-    }
+    y, overflow = _run_local(local, mesh, baxes, pspecs, (params, x, routing.expert_ids, mask, w))
+    aux = _ep_aux(mesh, n_shards, x, mask, overflow, a2a_bytes, b)
     return y, jnp.asarray(dropped, jnp.float32), aux

@@ -29,6 +29,34 @@ def evaluate(eval_fn, state, batches) -> dict:
     return {**out, **m}
 
 
+def _restore(cfg, workdir, model, optimizer, ds, example):
+    """The checkpoint manager, the data iterator and the state to start from with its step:
+    the latest checkpoint's (data position included), else a fresh state at step 0."""
+    abstract = jax.eval_shape(lambda: step.init_state(model, optimizer, example, cfg.seed))
+    mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
+    restored = checkpoint.restore_latest(mngr, abstract)
+    it = iter(ds.to_iter_dataset())
+    if restored is None:
+        state, start = step.init_state(model, optimizer, example, cfg.seed), 0
+    else:
+        state, data_state, start = restored
+        it.set_state(data_state)
+        print(f"resumed from step {start}")
+    return mngr, it, state, start
+
+
+def _train_row(window, schedule, s, tokens_per_batch, timed, t0) -> dict:
+    """The logged training row: the window's mean metrics, the learning rate and tokens/s."""
+    rows = jax.device_get(window)
+    dt = time.perf_counter() - t0
+    return {
+        "split": "train",
+        **_mean_metrics(rows),
+        "lr": float(schedule(s)),
+        "tokens_per_s": tokens_per_batch * timed / dt if timed else float("nan"),
+    }
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict:
     """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
     os.makedirs(workdir, exist_ok=True)
@@ -40,16 +68,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     model = models.build(cfg)
     optimizer, schedule = optim.make_optimizer(cfg)
     example = ds[0]
-    abstract = jax.eval_shape(lambda: step.init_state(model, optimizer, example, cfg.seed))
-    mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
-    restored = checkpoint.restore_latest(mngr, abstract)
-    it = iter(ds.to_iter_dataset())
-    if restored is None:
-        state, start = step.init_state(model, optimizer, example, cfg.seed), 0
-    else:
-        state, data_state, start = restored
-        it.set_state(data_state)
-        print(f"resumed from step {start}")
+    mngr, it, state, start = _restore(cfg, workdir, model, optimizer, ds, example)
     train_step = jax.jit(step.make_train_step(model, optimizer, cfg))
     eval_step = jax.jit(step.make_eval_step(model, cfg))
     writer = metrics.MetricsWriter(workdir, cfg.train.tensorboard)
@@ -68,14 +87,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         else:
             timed += 1
         if done % t.log_every == 0 or done == t.steps:
-            rows = jax.device_get(window)
-            dt = time.perf_counter() - t0
-            row = {
-                "split": "train",
-                **_mean_metrics(rows),
-                "lr": float(schedule(s)),
-                "tokens_per_s": tokens_per_batch * timed / dt if timed else float("nan"),
-            }
+            row = _train_row(window, schedule, s, tokens_per_batch, timed, t0)
             writer.write(done, row)
             bar.set_postfix(loss=f"{row['ce']:.3f}")
             final.update(row)

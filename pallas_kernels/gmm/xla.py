@@ -175,44 +175,42 @@ def tgmm(
         return acc_GxKxN.astype(out_dtype)
     tb, ts = _tiles(num_rows, num_groups, tile_rows, small_tile_rows)
     schedules = _schedules(group_sizes_G[:num_groups], num_rows, tb, ts)
-    for i, (tm, (num_visits, group_V, start_V, lo_V, hi_V)) in enumerate(
-        zip((tb, ts), schedules, strict=False)
-    ):
-        row_t = jnp.arange(tm, dtype=jnp.int32)
-        # The first schedule keeps a running per-group sum (a group's visits are consecutive)
-        # and stores it without re-reading; a second one adds onto what the first stored.
-        add_to_stored = i > 0
-
-        def body(
-            v,
-            carry,
-            tm=tm,
-            group_V=group_V,
-            start_V=start_V,
-            lo_V=lo_V,
-            hi_V=hi_V,
-            row_t=row_t,
-            add_to_stored=add_to_stored,
-        ):
-            acc_GxKxN, run_KxN = carry
-            g, s = group_V[v], start_V[v]
-            rows_t = s + row_t
-            keep_t = (rows_t >= lo_V[v]) & (rows_t < hi_V[v])
-            x_TxK = lax.dynamic_slice_in_dim(lhs_MxK, s, tm, axis=0)
-            x_TxK = jnp.where(keep_t[:, None], x_TxK, jnp.zeros_like(x_TxK))
-            dy_TxN = lax.dynamic_slice_in_dim(dout_MxN, s, tm, axis=0)
-            upd_KxN = lax.dot_general(
-                x_TxK, dy_TxN, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-            )
-            first = (v == 0) | (group_V[jnp.maximum(v - 1, 0)] != g)
-            if add_to_stored:
-                base_KxN = lax.dynamic_index_in_dim(acc_GxKxN, g, axis=0, keepdims=False)
-                run_KxN = jnp.where(first, base_KxN, run_KxN) + upd_KxN
-            else:
-                run_KxN = jnp.where(first, upd_KxN, run_KxN + upd_KxN)
-            acc_GxKxN = lax.dynamic_update_index_in_dim(acc_GxKxN, run_KxN, g, axis=0)
-            return acc_GxKxN, run_KxN
-
-        run_KxN = jnp.zeros((k, n), jnp.float32)
-        acc_GxKxN, _ = lax.fori_loop(0, num_visits, body, (acc_GxKxN, run_KxN))
+    for i, (tm, schedule) in enumerate(zip((tb, ts), schedules, strict=False)):
+        acc_GxKxN = _tgmm_schedule(acc_GxKxN, lhs_MxK, dout_MxN, tm, schedule, i > 0)
     return acc_GxKxN.astype(out_dtype)
+
+
+def _tgmm_schedule(acc_GxKxN, lhs_MxK, dout_MxN, tm, schedule, add_to_stored):
+    """Adds one chunk schedule's ``lhs^T @ dout`` products into ``acc_GxKxN`` (f32).
+
+    The first schedule keeps a running per-group sum (a group's visits are consecutive) and
+    stores it without re-reading; a second one (``add_to_stored``) adds onto what the first
+    stored.
+    """
+    num_visits, group_V, start_V, lo_V, hi_V = schedule
+    k, n = lhs_MxK.shape[1], dout_MxN.shape[1]
+    row_t = jnp.arange(tm, dtype=jnp.int32)
+
+    def body(v, carry):
+        acc_GxKxN, run_KxN = carry
+        g, s = group_V[v], start_V[v]
+        rows_t = s + row_t
+        keep_t = (rows_t >= lo_V[v]) & (rows_t < hi_V[v])
+        x_TxK = lax.dynamic_slice_in_dim(lhs_MxK, s, tm, axis=0)
+        x_TxK = jnp.where(keep_t[:, None], x_TxK, jnp.zeros_like(x_TxK))
+        dy_TxN = lax.dynamic_slice_in_dim(dout_MxN, s, tm, axis=0)
+        upd_KxN = lax.dot_general(
+            x_TxK, dy_TxN, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        first = (v == 0) | (group_V[jnp.maximum(v - 1, 0)] != g)
+        if add_to_stored:
+            base_KxN = lax.dynamic_index_in_dim(acc_GxKxN, g, axis=0, keepdims=False)
+            run_KxN = jnp.where(first, base_KxN, run_KxN) + upd_KxN
+        else:
+            run_KxN = jnp.where(first, upd_KxN, run_KxN + upd_KxN)
+        acc_GxKxN = lax.dynamic_update_index_in_dim(acc_GxKxN, run_KxN, g, axis=0)
+        return acc_GxKxN, run_KxN
+
+    run_KxN = jnp.zeros((k, n), jnp.float32)
+    acc_GxKxN, _ = lax.fori_loop(0, num_visits, body, (acc_GxKxN, run_KxN))
+    return acc_GxKxN

@@ -1,0 +1,150 @@
+"""The Mosaic GPU (Hopper) grouped matmul: its visit schedule, its config checks, and the kernel
+against the reference, compiled on Hopper or in the Mosaic GPU interpreter on CPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels.gmm import gmm, reference
+from pallas_kernels.gmm import mosaic_gpu as gmm_mosaic_gpu
+from tests.pallas_kernels._gmm_helpers import _SETTINGS, GmmTestBase, _close, _inputs, problems
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(problems(max_rows=600, max_groups=9), st.sampled_from([8, 64, 128]))
+def test_mosaic_gpu_visit_table_covers_every_row_once(prob, tile_m):
+    """The Hopper kernel's schedule: every row is stored by exactly one visit, with its own
+    group (G for rows past the groups), from inside the visit's block."""
+    m, _, _, sizes = prob
+    table = gmm_mosaic_gpu.block_visit_table(jnp.asarray(sizes), m, tile_m)
+    group_V, block_V, lo_V, hi_V = (np.asarray(a) for a in table)
+    g = len(sizes)
+    assert len(group_V) == -(-m // tile_m) + g + 1
+    owner = np.full(m, -1)
+    for gv, bv, lo, hi in zip(group_V, block_V, lo_V, hi_V, strict=True):
+        if gv > g:
+            continue
+        assert bv * tile_m <= lo < hi <= min(bv * tile_m + tile_m, m)
+        assert np.all(owner[lo:hi] == -1), "row stored twice"
+        owner[lo:hi] = gv
+    want = np.repeat(np.arange(g + 1), np.r_[sizes, m - sizes.sum()])
+    np.testing.assert_array_equal(owner, want)
+
+
+class MosaicGpuKernelChecks:
+    """Shapes the Hopper kernel takes (bf16, K % 64, N % 256, M % 8, M >= 128); subclasses run
+    it compiled or in the Mosaic GPU interpreter."""
+
+    INTERPRET = False
+    KERNEL_EXAMPLES = 6
+    ROW_BLOCKS = (32, 187)  # M = 8 * r: not always a multiple of the 128-row tile
+    K_CHOICES = (64, 192, 512)
+    N_CHOICES = (256, 512)
+    GRAD_CASE = (1000, 256, 512, (600, 0, 1, 350))  # > 256 rows per group: the kernel runs
+
+    def _mosaic(self, x, w_arg, gs, transpose_rhs, config=None):
+        assert gmm_mosaic_gpu.applies(x, w_arg, transpose_rhs, interpret=self.INTERPRET)
+        return gmm_mosaic_gpu.gmm(
+            x, w_arg, gs, transpose_rhs=transpose_rhs, config=config, interpret=self.INTERPRET
+        )
+
+    def test_kernel_bf16(self):
+        """Uneven and empty groups, rows past the groups, M not a multiple of the tile; both
+        contractions (compiled) and both splits of the CTA tile between the warpgroups."""
+
+        @settings(max_examples=self.KERNEL_EXAMPLES, **_SETTINGS)
+        @given(
+            st.integers(*self.ROW_BLOCKS).map(lambda r: 8 * r),
+            st.sampled_from(self.K_CHOICES),
+            st.sampled_from(self.N_CHOICES),
+            st.integers(1, 9),
+            st.integers(0, 2**31 - 1),
+        )
+        def run(m, k, n, g, seed):
+            rng = np.random.default_rng(seed)
+            sizes = rng.multinomial(rng.integers(0, m + 1), rng.dirichlet(np.ones(g) * 0.5))
+            sizes[rng.integers(g)] = 0
+            gs = jnp.asarray(sizes.astype(np.int32))
+            x, w, _ = _inputs(m, k, n, g, jnp.bfloat16, seed % 1000)
+            want = reference.gmm(x.astype(jnp.float32), w.astype(jnp.float32), gs)
+            for transpose_rhs in (False,) if self.INTERPRET else (False, True):
+                w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
+                for split in ("n", "m") if m >= 256 else ("n",):
+                    cfg = gmm_mosaic_gpu.Config(wg_split=split)
+                    got = jax.jit(functools.partial(self._mosaic, config=cfg), static_argnums=3)(
+                        x, w_arg, gs, transpose_rhs
+                    )
+                    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+                    _close(got, want, jnp.bfloat16)
+                    assert np.all(np.asarray(got[int(sizes.sum()) :]) == 0), "tail not zero"
+
+        run()
+
+    def test_kernel_gradients(self):
+        """Forward and d lhs on the kernel (d rhs is the Triton tgmm), through the API."""
+        m, k, n, sizes = self.GRAD_CASE
+        x, w, c = _inputs(m, k, n, len(sizes), jnp.bfloat16, 9)
+        gs = jnp.asarray(sizes, jnp.int32)
+        dy = c.astype(jnp.bfloat16)  # the backward casts dy to the operand dtype
+        assert gmm_mosaic_gpu.default_config(m, len(sizes)) is not None
+        assert gmm_mosaic_gpu.applies(x, w, False, interpret=self.INTERPRET)
+        # Interpreted, d lhs runs the Triton kernel (see `applies`).
+        assert gmm_mosaic_gpu.applies(dy, w, True, interpret=self.INTERPRET) != self.INTERPRET
+
+        def loss(x, w):
+            y = gmm(x, w, gs, implementation="mosaic_gpu", interpret=self.INTERPRET)
+            return jnp.sum(y.astype(jnp.float32) * c)
+
+        def ref_loss(x, w):
+            return jnp.sum(reference.gmm(x, w, gs) * c)
+
+        dx, dw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+        rdx, rdw = jax.grad(ref_loss, (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+        _close(dx, rdx, jnp.bfloat16)
+        _close(dw, rdw, jnp.bfloat16)
+
+
+# An exception inside the interpreter can leave it waiting forever (jax 0.10): fail instead.
+@pytest.mark.timeout(900, method="thread")
+class TestMosaicGpuInterpret(MosaicGpuKernelChecks):
+    """The Hopper kernel in the Mosaic GPU interpreter on CPU (small shapes: it is slow)."""
+
+    INTERPRET = True
+    KERNEL_EXAMPLES = 2
+    ROW_BLOCKS = (32, 48)  # M >= 256: both splits run in every example
+    K_CHOICES = (64, 128)
+    N_CHOICES = (256,)
+    GRAD_CASE = (776, 256, 256, (400, 0, 330))
+
+    @pytest.mark.slow
+    def test_kernel_bf16_more(self):
+        self.KERNEL_EXAMPLES = 8
+        self.test_kernel_bf16()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gmm_mosaic_gpu.on_hopper(), reason="needs a Hopper GPU (sm_90a)")
+class TestMosaicGpuCompiled(MosaicGpuKernelChecks, GmmTestBase):
+    """Compiled on Hopper; the base tests' small shapes exercise the Triton fallback."""
+
+    IMPL = "mosaic_gpu"
+
+
+def test_mosaic_gpu_config_errors_name_the_argument():
+    for kwargs, name in (
+        (dict(tile_m=96), "tile_m"),
+        (dict(tile_n=96), "tile_n"),
+        (dict(wg_split="k"), "wg_split"),
+        (dict(tile_n=256), "CTA tile"),
+        (dict(delay_release=-1), "delay_release"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            gmm_mosaic_gpu.Config(**kwargs)
+    assert gmm_mosaic_gpu.default_config(65536, 256) is None  # short groups: Triton
+    x = jnp.zeros((256, 64), jnp.int16)
+    assert not gmm_mosaic_gpu.applies(x, jnp.zeros((2, 64, 256), jnp.int16), False, interpret=True)
