@@ -89,11 +89,11 @@ def dispatched_ffn(
     Returns:
       ``y[t] = sum_k w[t, k] * FFN_{e(t, k)}(x[t])`` in fp32.
     """
-    gmm_in = lambda a, w: ops.dispatch_matmul(
-        a, order_N, inv_TxK, w, group_sizes_E, implementation=implementation
+    gmm_in = lambda a, rhs: ops.dispatch_matmul(
+        a, order_N, inv_TxK, rhs, group_sizes_E, implementation=implementation
     )
-    gmm_out = lambda a, w: ops.matmul_combine(
-        a, w, group_sizes_E, order_N, inv_TxK, w_TxK, implementation=implementation
+    gmm_out = lambda a, rhs: ops.matmul_combine(
+        a, rhs, group_sizes_E, order_N, inv_TxK, w_TxK, implementation=implementation
     )
     return _ffn(None, params, x_TxD, activation, matmul_in=gmm_in, matmul_out=gmm_out)
 

@@ -165,8 +165,9 @@ def matmul_combine(
     ``d rhs = tgmm(w * h, dy[token])`` (the native CPU kernel gathers those rows itself).
     Rows past ``sum(group_sizes)`` (inactive slots, whose weight must be 0) get zero
     gradients. That backward's temporaries are ``[N, F]`` rows where the composition's are
-    ``[N, D]``, so it is used where ``F < D`` (fine-grained experts; the DeepSeek-mini layer
-    2-3.5% faster on CPU, BENCHMARKS.md) and the grouped-GEMM implementation reads the token
+    ``[N, D]``, so it is used where ``F < D`` (fine-grained experts; the DeepSeek-mini layer,
+    ``F = D / 4``, 2-3.5% faster on CPU, BENCHMARKS.md; OLMoE-mini, ``F = D / 2``, even
+    within noise with 4 MiB fewer temporaries) and the grouped-GEMM implementation reads the token
     rows by index itself (``pallas_kernels.gmm.gathers_rows``: the native CPU kernel); the
     composition elsewhere (Mixtral-mini, with ``F = 2D``: 1-3% slower and 16 MiB more
     temporaries the fused way; not measured on accelerators, whose kernels would be handed
@@ -205,8 +206,7 @@ def _matmul_combine_fwd(h_NxF, rhs, group_sizes_G, order_N, inv_TxK, w_TxK, impl
 
 def _matmul_combine_bwd(impl, res, dy_TxD):
     h_NxF, rhs, group_sizes_G, order_N, inv_TxK, w_TxK = res
-    tok_N = order_N // inv_TxK.shape[1]
-    dy_TxD = dy_TxD.astype(h_NxF.dtype)
+    tok_N = order_N // inv_TxK.shape[1]  # dy and w * h stay f32 (the native kernel's dtype)
     g_NxF = gmm_kernels.gmm(
         dy_TxD,
         rhs,
@@ -220,7 +220,7 @@ def _matmul_combine_bwd(impl, res, dy_TxD):
     dw_N = jnp.sum(h_NxF.astype(jnp.float32) * g_NxF, axis=-1)
     dh_NxF = (g_NxF * w_N[:, None]).astype(h_NxF.dtype)
     drhs = gmm_kernels.tgmm(
-        (h_NxF * w_N[:, None]).astype(h_NxF.dtype),
+        h_NxF.astype(jnp.float32) * w_N[:, None],
         dy_TxD,
         group_sizes_G,
         num_groups=rhs.shape[0],

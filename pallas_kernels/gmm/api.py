@@ -94,7 +94,7 @@ def resolve_implementation(
 
 
 def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, lhs_rows=None):
-    _check_lhs_rows(lhs_rows)
+    _check_rows(lhs_rows)
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
     if rhs.ndim != 3:
@@ -112,7 +112,7 @@ def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, lhs_rows=None):
         )
 
 
-def _check_lhs_rows(rows, name="lhs_rows"):
+def _check_rows(rows, name="lhs_rows"):
     if rows is not None and (rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer)):
         raise ValueError(f"{name} must be an integer [M] array, got {rows.dtype}{list(rows.shape)}")
 
@@ -123,8 +123,8 @@ _GATHERS_ROWS = ("cpu_ffi",)
 
 
 def gathers_rows(implementation=None, *, interpret: bool = False) -> bool:
-    """Whether the implementation ``implementation`` resolves to reads ``lhs_rows`` /
-    ``dout_rows`` by index itself (the others are handed the gathered rows)."""
+    """Whether ``implementation`` (resolved as by ``gmm``) reads ``lhs_rows`` and
+    ``dout_rows`` by index itself; the other implementations are handed gathered rows."""
     return resolve_implementation(implementation, interpret=interpret) in _GATHERS_ROWS
 
 
@@ -313,13 +313,13 @@ def tgmm(
     """
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
-    _check_lhs_rows(lhs_rows)
-    _check_lhs_rows(dout_rows, "dout_rows")
+    _check_rows(lhs_rows)
+    _check_rows(dout_rows, "dout_rows")
     m = lhs.shape[0] if lhs_rows is None else lhs_rows.shape[0]
-    m_dout = dout.shape[0] if dout_rows is None else dout_rows.shape[0]
-    if dout.ndim != 2 or m_dout != m:
-        rows = "" if dout_rows is None else " rows through dout_rows"
-        raise ValueError(f"dout must have M={m}{rows}, got dout {dout.shape}")
+    if dout.ndim != 2 or (dout_rows is None and dout.shape[0] != m):
+        raise ValueError(f"dout must be [M={m}, N], got shape {dout.shape}")
+    if dout_rows is not None and dout_rows.shape[0] != m:
+        raise ValueError(f"dout_rows must have M={m} entries, got {dout_rows.shape[0]}")
     if group_sizes.ndim != 1:
         raise ValueError(f"group_sizes must be [G], got shape {group_sizes.shape}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):

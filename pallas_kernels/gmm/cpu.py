@@ -72,6 +72,9 @@ def tgmm(
     num_groups = num_groups or group_sizes.shape[0]
     out_type = jax.ShapeDtypeStruct((num_groups, lhs.shape[1], dout.shape[1]), jnp.float32)
     args = (lhs.astype(jnp.float32), dout.astype(jnp.float32), group_sizes.astype(jnp.int32))
+    if any(r is not None and r.shape[0] == 0 for r in (lhs_rows, dout_rows)):
+        # M = 0 (the kernel reads an empty id array as "not gathered"): nothing to sum.
+        return jnp.zeros((num_groups, lhs.shape[1], dout.shape[1]), out_dtype)
     if lhs_rows is None and dout_rows is None:
         out = jax.ffi.ffi_call(_TARGETS["tgmm"], out_type, vmap_method="sequential")(*args)
     else:  # an empty id array: that operand is not gathered

@@ -476,10 +476,12 @@ void GmmNT(ffi::ThreadPool& pool, const float* x, const int32_t* ids, const floa
     thread_local std::vector<float> pack, block, gathered;
     const Item& it = items[idx];
     const int64_t rows = it.r1 - it.r0;
-    const float* xr = x + it.r0 * k;  // the item's lhs rows
+    const float* xr;  // the item's lhs rows
     if (ids != nullptr) {
       GatherRows(x, k, ids, it.r0, rows, 0, k, gathered);
       xr = gathered.data();
+    } else {
+      xr = x + it.r0 * k;
     }
     // Only a group's last item has rows % kVL != 0 (row_block is a multiple of kNT).
     const int tail = DotTailRows(static_cast<int>(rows % kVL), k);
@@ -586,11 +588,8 @@ ffi::Error GmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs, ffi::Buf
     }
     const int64_t rows = it.r1 - it.r0;
     thread_local std::vector<float> gathered;
-    const float* a = x + it.r0 * k;
-    if (ids != nullptr) {
-      GatherRows(x, k, ids, it.r0, rows, 0, k, gathered);
-      a = gathered.data();
-    }
+    if (ids != nullptr) GatherRows(x, k, ids, it.r0, rows, 0, k, gathered);
+    const float* a = ids != nullptr ? gathered.data() : x + it.r0 * k;
     float* out = y + it.r0 * n;
     for (int64_t s = it.s0; s < it.s1; ++s) {
       const int64_t n0 = s * kNR, width = std::min<int64_t>(kNR, n - n0);
@@ -661,17 +660,21 @@ ffi::Error TgmmCommon(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& lhs,
     // stay in cache across the strips; later passes accumulate into C.
     for (int64_t r0 = 0; r0 < rows; r0 += kReduceBlock) {
       const int64_t len = std::min(kReduceBlock, rows - r0);
-      const float* a = x + (starts[g] + r0) * k + k0;
+      const float* a;
       int64_t lda = k;
       if (ids != nullptr) {  // this pass's rows, columns [k0, k1)
         GatherRows(x, k, ids, starts[g] + r0, len, k0, k1 - k0, gathered);
         a = gathered.data();
         lda = k1 - k0;
+      } else {
+        a = x + (starts[g] + r0) * k + k0;
       }
-      const float* b = dy + (starts[g] + r0) * n;
+      const float* b;
       if (dout_ids != nullptr) {  // this pass's dout rows
         GatherRows(dy, n, dout_ids, starts[g] + r0, len, 0, n, gathered_dout);
         b = gathered_dout.data();
+      } else {
+        b = dy + (starts[g] + r0) * n;
       }
       for (int64_t n0 = 0; n0 < n; n0 += kNR) {
         const int64_t width = std::min<int64_t>(kNR, n - n0);

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jmoe import ops
+from pallas_kernels import gmm as gmm_kernels
 
 
 def _problem(t, k, e, d, seed):
@@ -129,7 +130,38 @@ def test_matmul_combine_matches_grouped_matmul_then_combine(impl, t, k, e, f, d)
 
     np.testing.assert_allclose(jax.jit(fused)(h, rhs, w), plain(h, rhs, w), rtol=1e-5, atol=1e-5)
     loss = lambda fn: lambda *a: jnp.sum(fn(*a) * c)
-    got = jax.jit(jax.grad(loss(fused), (0, 1, 2)))(h, rhs, w)
+    grad = jax.jit(jax.grad(loss(fused), (0, 1, 2)))
+    # The fused backward (tgmm reading dy's rows by index) runs exactly where it should.
+    fused_path = f < d and gmm_kernels.gathers_rows(impl)
+    assert ("jmoe_tgmm_rows_f32" in grad.lower(h, rhs, w).as_text()) == fused_path
+    got = grad(h, rhs, w)
     want = jax.grad(loss(plain), (0, 1, 2))(h, rhs, w)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_combine_bf16():
+    """bf16 rows and weights (f32 combine weights) on the op's path for F < D: f32 output,
+    gradients in the operands' dtypes and within bf16 rounding of the f32 composition."""
+    t, k, e, f, d = 40, 4, 8, 16, 32
+    _, w, order, inv, sizes = _problem(t, k, e, d, seed=5)
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.standard_normal((t * k, f)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), jnp.float32)
+    c = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+    inv_TxK = inv.reshape(t, k)
+
+    def loss(h, rhs, w):
+        return jnp.sum(ops.matmul_combine(h, rhs, sizes, order, inv_TxK, w) * c)
+
+    def ref_loss(h, rhs, w):
+        ys = ops.grouped_matmul(h, rhs, sizes, implementation="reference")
+        return jnp.sum(jnp.sum(ys[inv_TxK] * w[..., None], axis=1) * c)
+
+    bf = lambda a: a.astype(jnp.bfloat16)
+    got = jax.jit(jax.grad(loss, (0, 1, 2)))(bf(h), bf(rhs), w)
+    want = jax.grad(ref_loss, (0, 1, 2))(*(bf(a).astype(jnp.float32) for a in (h, rhs)), w)
+    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+    for g, r in zip(got, want, strict=True):
+        scale = float(jnp.max(jnp.abs(r)))
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=2e-2 * scale, rtol=0)

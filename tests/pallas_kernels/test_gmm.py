@@ -93,6 +93,13 @@ class TestCpuFfi(GmmTestBase):
         gs = jnp.asarray(sizes, jnp.int32)
         _close(jax.jit(self.call_gmm)(x, w, gs), reference.gmm(x, w, gs), jnp.float32)
         _close(jax.jit(self.call_tgmm)(x, c, gs), reference.tgmm(x, c, gs), jnp.float32)
+        # Rows read by index over several row blocks and reduction passes (both operands).
+        rng = np.random.default_rng(len(sizes) + sizes[1])
+        rows, perm = (jnp.asarray(rng.integers(0, m, m), jnp.int32) for _ in range(2))
+        got = jax.jit(self.call_gmm)(x, w, gs, lhs_rows=rows)
+        _close(got, reference.gmm(x[rows], w, gs), jnp.float32)
+        got = jax.jit(self.call_tgmm)(x, c, gs, lhs_rows=rows, dout_rows=perm)
+        _close(got, reference.tgmm(x[rows], c[perm], gs), jnp.float32)
 
     @pytest.mark.parametrize("n", [256, 208, 400])
     def test_streamed_outputs(self, n):
@@ -109,6 +116,21 @@ class TestCpuFfi(GmmTestBase):
         _close(jax.jit(self.call_gmm)(x, w, gs), want, jnp.float32)
         nt = functools.partial(self.call_gmm, transpose_rhs=True)
         _close(jax.jit(nt)(x, jnp.swapaxes(w, 1, 2), gs), want, jnp.float32)
+        # The same with the lhs rows read by index (from 300 token rows).
+        rows = jnp.asarray(np.random.default_rng(n).integers(0, 300, m), jnp.int32)
+        want = reference.gmm(x[:300][rows], w, gs)
+        _close(jax.jit(nt)(x[:300], jnp.swapaxes(w, 1, 2), gs, lhs_rows=rows), want, jnp.float32)
+
+    def test_zero_rows_by_index(self):
+        """M = 0 rows read by index: an empty product, zero weight gradients."""
+        x, w, c = _inputs(5, 8, 6, 3, jnp.float32, 15)
+        gs, none = jnp.zeros((3,), jnp.int32), jnp.zeros((0,), jnp.int32)
+        assert self.call_gmm(x, w, gs, lhs_rows=none).shape == (0, 6)
+        loss = lambda x, w: jnp.sum(self.call_gmm(x, w, gs, lhs_rows=none))
+        dx, dw = jax.grad(loss, (0, 1))(x, w)
+        assert not np.asarray(dx).any() and not np.asarray(dw).any()
+        dw = self.call_tgmm(c[:0], x, gs, dout_rows=none)
+        assert dw.shape == (3, 6, 8) and not np.asarray(dw).any()
 
     def test_transposed_long_contraction(self):
         """The transposed product with a contraction too long for more than one packed row
