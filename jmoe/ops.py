@@ -79,6 +79,16 @@ def _dispatch_rows_bwd(res, d_NxD):
 dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
+def _static_impl(implementation):
+    """``implementation`` as a hashable nondiff argument (a list becomes a tuple)."""
+    return tuple(implementation) if isinstance(implementation, list) else implementation
+
+
+def _slot_tokens(order_N, inv_TxK):
+    """The token of each sorted row (slot ``t * K + k`` -> ``t``)."""
+    return order_N // inv_TxK.shape[1]
+
+
 def dispatch_matmul(x_TxD, order_N, inv_TxK, rhs_GxDxN, group_sizes_G, *, implementation=None):
     """``grouped_matmul(dispatch_rows(x, order, inv), rhs, group_sizes)`` without the sorted
     ``[T*K, D]`` rows where the kernel gathers them itself (the native CPU kernel: the forward
@@ -87,15 +97,13 @@ def dispatch_matmul(x_TxD, order_N, inv_TxK, rhs_GxDxN, group_sizes_G, *, implem
     The gradient wrt x is that of ``dispatch_rows`` (a gather by the inverse permutation and a
     sum over the K slots); the sorted rows are not kept for the backward pass.
     """
-    impl = tuple(implementation) if isinstance(implementation, list) else implementation
-    return _dispatch_matmul(
-        x_TxD, order_N, inv_TxK, rhs_GxDxN, group_sizes_G.astype(jnp.int32), impl
-    )
+    gs = group_sizes_G.astype(jnp.int32)
+    return _dispatch_matmul(x_TxD, order_N, inv_TxK, rhs_GxDxN, gs, _static_impl(implementation))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _dispatch_matmul(x_TxD, order_N, inv_TxK, rhs, group_sizes_G, impl):
-    rows_N = order_N // inv_TxK.shape[1]
+    rows_N = _slot_tokens(order_N, inv_TxK)
     return gmm_kernels.gmm(x_TxD, rhs, group_sizes_G, lhs_rows=rows_N, implementation=impl)
 
 
@@ -115,7 +123,7 @@ def _dispatch_matmul_bwd(impl, res, d_NxN):
         group_sizes_G,
         num_groups=rhs.shape[0],
         preferred_element_type=rhs.dtype,
-        lhs_rows=order_N // inv_TxK.shape[1],
+        lhs_rows=_slot_tokens(order_N, inv_TxK),
         implementation=impl,
     )
     return dx_TxD, None, None, drhs, None
@@ -185,18 +193,19 @@ def matmul_combine(
     Returns:
       ``y[t] = sum_k w[t, k] * (h @ rhs[e])[inv[t, k]]`` in fp32.
     """
-    impl = tuple(implementation) if isinstance(implementation, list) else implementation
-    gs = group_sizes_G.astype(jnp.int32)
+    impl = _static_impl(implementation)
+    args = (h_NxF, rhs_GxFxD, group_sizes_G.astype(jnp.int32), order_N, inv_TxK, w_TxK, impl)
     if h_NxF.shape[1] >= rhs_GxFxD.shape[2] or not gmm_kernels.gathers_rows(impl):
-        ys_NxD = gmm_kernels.gmm(h_NxF, rhs_GxFxD, gs, implementation=impl)
-        return combine_rows(ys_NxD, order_N, inv_TxK, w_TxK)
-    return _matmul_combine(h_NxF, rhs_GxFxD, gs, order_N, inv_TxK, w_TxK, impl)
+        return _gmm_then_combine(*args)
+    return _matmul_combine(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _matmul_combine(h_NxF, rhs, group_sizes_G, order_N, inv_TxK, w_TxK, impl):
+def _gmm_then_combine(h_NxF, rhs, group_sizes_G, order_N, inv_TxK, w_TxK, impl):
     ys_NxD = gmm_kernels.gmm(h_NxF, rhs, group_sizes_G, implementation=impl)
     return combine_rows(ys_NxD, order_N, inv_TxK, w_TxK)
+
+
+_matmul_combine = functools.partial(jax.custom_vjp, nondiff_argnums=(6,))(_gmm_then_combine)
 
 
 def _matmul_combine_fwd(h_NxF, rhs, group_sizes_G, order_N, inv_TxK, w_TxK, impl):
@@ -206,7 +215,7 @@ def _matmul_combine_fwd(h_NxF, rhs, group_sizes_G, order_N, inv_TxK, w_TxK, impl
 
 def _matmul_combine_bwd(impl, res, dy_TxD):
     h_NxF, rhs, group_sizes_G, order_N, inv_TxK, w_TxK = res
-    tok_N = order_N // inv_TxK.shape[1]  # dy and w * h stay f32 (the native kernel's dtype)
+    tok_N = _slot_tokens(order_N, inv_TxK)  # dy and w * h stay f32 (the native kernel's dtype)
     g_NxF = gmm_kernels.gmm(
         dy_TxD,
         rhs,

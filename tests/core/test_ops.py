@@ -105,6 +105,17 @@ def test_dispatch_matmul_matches_dispatch_then_grouped_matmul(impl, t, k, e, d, 
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
+def _combine_problem(t, k, e, f, d, *, seed, rng_seed):
+    """A routed problem for `matmul_combine`: rows h [T*K, F], weights [E, F, D], a cotangent
+    [T, D], combine weights, order, inv [T, K] and group sizes."""
+    _, w, order, inv, sizes = _problem(t, k, e, d, seed=seed)
+    rng = np.random.default_rng(rng_seed)
+    h = jnp.asarray(rng.standard_normal((t * k, f)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), jnp.float32)
+    c = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+    return h, rhs, c, w, order, inv.reshape(t, k), sizes
+
+
 @pytest.mark.parametrize("impl", [None, "xla", "reference"])
 @pytest.mark.parametrize(
     "t,k,e,f,d", [(7, 1, 3, 5, 4), (33, 4, 6, 16, 20), (20, 2, 40, 9, 17), (64, 8, 16, 24, 8)]
@@ -114,12 +125,7 @@ def test_matmul_combine_matches_grouped_matmul_then_combine(impl, t, k, e, f, d)
     then a plain unpermute-and-sum, on both paths (F < D with the native CPU kernel: the
     fused backward; else the composition); inactive slots (weight 0) are rows past the
     groups, and (t, k, e) = (20, 2, 40) leaves most experts empty."""
-    _, w, order, inv, sizes = _problem(t, k, e, d, seed=t + 2)
-    rng = np.random.default_rng(3)
-    h = jnp.asarray(rng.standard_normal((t * k, f)), jnp.float32)
-    rhs = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), jnp.float32)
-    c = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
-    inv_TxK = inv.reshape(t, k)
+    h, rhs, c, w, order, inv_TxK, sizes = _combine_problem(t, k, e, f, d, seed=t + 2, rng_seed=3)
 
     def fused(h, rhs, w):
         return ops.matmul_combine(h, rhs, sizes, order, inv_TxK, w, implementation=impl)
@@ -144,12 +150,7 @@ def test_matmul_combine_bf16():
     """bf16 rows and weights (f32 combine weights) on the op's path for F < D: f32 output,
     gradients in the operands' dtypes and within bf16 rounding of the f32 composition."""
     t, k, e, f, d = 40, 4, 8, 16, 32
-    _, w, order, inv, sizes = _problem(t, k, e, d, seed=5)
-    rng = np.random.default_rng(4)
-    h = jnp.asarray(rng.standard_normal((t * k, f)), jnp.float32)
-    rhs = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), jnp.float32)
-    c = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
-    inv_TxK = inv.reshape(t, k)
+    h, rhs, c, w, order, inv_TxK, sizes = _combine_problem(t, k, e, f, d, seed=5, rng_seed=4)
 
     def loss(h, rhs, w):
         return jnp.sum(ops.matmul_combine(h, rhs, sizes, order, inv_TxK, w) * c)
