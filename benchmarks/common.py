@@ -74,7 +74,10 @@ GENERATED_BEGIN = "<!-- written by the benchmark script: begin -->"
 GENERATED_END = "<!-- written by the benchmark script: end -->"
 
 
-def write_section(title: str, body: str, path: str = os.path.join(ROOT, "BENCHMARKS.md")):
+BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
+
+
+def write_section(title: str, body: str, path: str = BENCHMARKS_MD):
     """Writes ``body`` as the generated block of the ``## title`` section of BENCHMARKS.md.
 
     The block sits between ``GENERATED_BEGIN`` and ``GENERATED_END`` (HTML comments, not

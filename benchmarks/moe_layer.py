@@ -1,6 +1,6 @@
 """Whole MoE layer (route, dispatch, experts, combine), fwd+bwd, against its peers.
 
-Usage: python benchmarks/moe_layer.py [--quick] [--repeats N] [--write]
+Usage: python benchmarks/moe_layer.py [--quick] [--repeats N] [--gpu] [--write [PATH]]
 
 Peers, measured side by side in one run (CPU fp32 by default):
   dense    a dense SwiGLU FFN of width K*F on the T tokens: the same active FLOPs;
@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    BENCHMARKS_MD,
     interleaved_times,
     machine_line,
     release_freed_memory,
@@ -220,7 +221,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--write", action="store_true", help="replace the BENCHMARKS.md section")
+    ap.add_argument(
+        "--write",
+        nargs="?",
+        const=BENCHMARKS_MD,
+        default=None,
+        metavar="PATH",
+        help="replace the section in BENCHMARKS.md (or in the markdown file PATH)",
+    )
     ap.add_argument("--gpu", action="store_true", help="bf16 shapes of real model layers")
     ap.add_argument("--malloc", choices=("keep", "default"), default="keep")
     args = ap.parse_args()
@@ -245,7 +253,7 @@ def main():
     )
     print(body)
     if args.write:
-        write_section("moe layer (GPU)" if args.gpu else "moe layer", body)
+        write_section("moe layer (GPU)" if args.gpu else "moe layer", body, args.write)
 
 
 if __name__ == "__main__":
