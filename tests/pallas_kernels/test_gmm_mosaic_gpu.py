@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.gmm import gmm, reference
+from pallas_kernels.gmm import api, gmm, reference
 from pallas_kernels.gmm import mosaic_gpu as gmm_mosaic_gpu
 from tests.pallas_kernels._gmm_helpers import _SETTINGS, GmmTestBase, _close, _inputs, problems
 
@@ -148,3 +148,40 @@ def test_mosaic_gpu_config_errors_name_the_argument():
     assert gmm_mosaic_gpu.default_config(65536, 256) is None  # short groups: Triton
     x = jnp.zeros((256, 64), jnp.int16)
     assert not gmm_mosaic_gpu.applies(x, jnp.zeros((2, 64, 256), jnp.int16), False, interpret=True)
+
+
+def test_fwd_bwd_lowers_for_hopper_on_cpu(monkeypatch):
+    """The GPU default's whole fwd+bwd, lowered for CUDA on a CPU-only machine: the forward
+    and d lhs (the transposed-weight product the interpreter cannot run) on the Hopper kernel,
+    d rhs on the Triton ``tgmm``. Catches trace-time and Mosaic GPU layout errors in the
+    paths CI cannot execute."""
+    monkeypatch.setattr(gmm_mosaic_gpu, "on_hopper", lambda: True)
+    m, k, n, g = 1536, 256, 512, 4  # > 256 rows per group
+
+    def loss(x, w, gs):
+        y = api._gmm_vjp(x, w, gs, None, False, jnp.dtype(jnp.bfloat16), "mosaic_gpu", False)
+        return jnp.sum(jnp.square(y.astype(jnp.float32)))  # the forward is not dead code
+
+    args = (
+        jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+        jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16),
+        jax.ShapeDtypeStruct((g,), jnp.int32),
+    )
+    assert gmm_mosaic_gpu.default_config(m, g) is not None  # long groups: the Hopper kernel
+    text = jax.jit(jax.grad(loss, (0, 1))).trace(*args).lower(lowering_platforms=("cuda",))
+    text = text.as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert sum("@mosaic_gpu" in c for c in calls) == 2, "forward and d lhs on the Hopper kernel"
+    assert sum("triton" in c for c in calls) == 1, "d rhs on the Triton tgmm"
+
+
+@pytest.mark.parametrize("split", ["n", "m"])
+def test_transposed_weights_lower_for_hopper_on_cpu(split):
+    """``transpose_rhs`` (d lhs) with both warpgroup splits lowers to one Mosaic GPU call."""
+    x = jax.ShapeDtypeStruct((512, 128), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((3, 256, 128), jnp.bfloat16)  # [G, N, K]
+    gs = jax.ShapeDtypeStruct((3,), jnp.int32)
+    cfg = gmm_mosaic_gpu.Config(wg_split=split)
+    f = lambda x, w, gs: gmm_mosaic_gpu.gmm_kernel(x, w, gs, True, None, cfg, 132)
+    text = jax.jit(f).trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
