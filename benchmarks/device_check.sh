@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 3 as one call on a lent GPU machine (a device session has about
-# 15 minutes of device time, its start included): compiled GPU tests, then the GPU gmm table,
-# then the GPU MoE-layer table. Each stage gets its own time limit, cut to what is left of
+# 15 minutes of device time, its start included): compiled GPU tests, an interleaved A/B of
+# the weight-gradient kernels (Triton tgmm, our Hopper tgmm, JAX's), the GPU gmm table, and the
+# GPU MoE-layer table. Each stage gets its own time limit, cut to what is left of
 # the whole budget, so the script ends inside the call's limit and what finished comes back.
 #
 # Usage (from the repository root; OUT is the folder whose files come back):
 #   OUT=/tmp/out bash benchmarks/device_check.sh [STAGE ...]
-# Stages: env tests gmm layer (default: all four, in that order). JMOE_DEVICE_BUDGET (seconds,
-# default 510) bounds the whole run.
+# Stages: env tests tgmm gmm layer (default: all five, in that order). JMOE_DEVICE_BUDGET
+# (seconds, default 510) bounds the whole run.
 #
-# Files under $OUT: env.txt, tests.log, gmm.md + gmm.log, BENCHMARKS.md (a copy whose
-# "moe layer (GPU)" section the layer stage rewrote) + layer.log, summary.txt.
+# Files under $OUT: env.txt, tests.log, mgpu_ab.md + tgmm.log, gmm.md + gmm.log, BENCHMARKS.md
+# (a copy whose "moe layer (GPU)" section the layer stage rewrote) + layer.log, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/jmoe_device}"
@@ -19,7 +20,7 @@ export PYTHONUNBUFFERED=1
 BUDGET="${JMOE_DEVICE_BUDGET:-510}"
 START=$SECONDS
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests gmm layer)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests tgmm gmm layer)
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 
@@ -54,6 +55,11 @@ import torch; print(\"torch\", torch.__version__, hasattr(torch, \"_grouped_mm\"
         tests/pallas_kernels/test_gmm.py tests/pallas_kernels/test_gmm_mosaic_gpu.py \
         tests/pallas_kernels/test_dispatch.py tests/sharding/test_expert_parallel.py
       ;;
+    tgmm)
+      # Random routing: group bounds inside row blocks (the Hopper kernel's masked steps).
+      run tgmm 150 tgmm.log python3 benchmarks/gmm_mgpu_ab.py --kinds tgmm --routing random \
+        --rounds 3 --out "$OUT"
+      ;;
     gmm)
       run gmm 200 gmm.log python3 benchmarks/gmm.py --gpu --out "$OUT/gmm.md"
       ;;
@@ -63,7 +69,7 @@ import torch; print(\"torch\", torch.__version__, hasattr(torch, \"_grouped_mm\"
         --malloc default --write "$OUT/BENCHMARKS.md"
       ;;
     *)
-      echo "unknown stage '$stage': allowed env, tests, gmm, layer" >&2
+      echo "unknown stage '$stage': allowed env, tests, tgmm, gmm, layer" >&2
       exit 2
       ;;
   esac

@@ -1,12 +1,16 @@
 """Interleaved A/B of the Mosaic-GPU (Hopper) gmm against the Triton kernel, dense and torch.
 
 Usage (on a Hopper GPU): PYTHONUNBUFFERED=1 python3 benchmarks/gmm_mgpu_ab.py --out DIR
+  [--rounds N] [--kinds fwd,dx,tgmm] [--routing balanced|random|skewed|empty]
 
 For the forward and d lhs products of each GPU shape (``benchmarks.gmm.GPU_SHAPES``,
-balanced routing): every round times every candidate once (5 calls after a warm-up), in a
+balanced routing unless ``--routing`` says otherwise), and the weight-gradient product:
+every round times every candidate once (5 calls after a warm-up), in a
 shuffled order; the table gives the median TFLOP/s over the rounds, the ratio to the Triton
 kernel, and two checks: the relative error of sampled rows against an f32 reference, and the
-relative difference of the whole output from the Triton kernel's.
+relative difference of the whole output from the Triton kernel's. The weight-gradient
+product (tgmm) compares the Triton ``tgmm``, our Hopper ``tgmm`` (``mosaic_gpu_tgmm``, its
+configs in ``TGMM_CONFIGS``) and JAX's ``transposed_ragged_dot_mgpu``.
 """
 
 import argparse
@@ -22,9 +26,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import machine_line  # noqa: E402
-from benchmarks.gmm import _torch_grouped_mm  # noqa: E402
+from benchmarks.gmm import ROUTINGS, _torch_grouped_mm  # noqa: E402
 from benchmarks.gmm_gpu_sweep import compile_all, interleaved_rounds, make_problems  # noqa: E402
-from pallas_kernels.gmm import gpu, mosaic_gpu  # noqa: E402
+from pallas_kernels.gmm import gpu, mosaic_gpu, mosaic_gpu_tgmm  # noqa: E402
 
 BASE = mosaic_gpu.Config()
 # Candidate configs (edit to taste): label -> Config.
@@ -38,6 +42,14 @@ CONFIGS = {
 # JAX's own Mosaic-GPU transposed ragged dot (the tgmm product): (block_m, block_n, block_k,
 # max_concurrent_steps, grid_block_n); its M/N are our K/N, its ragged K our rows.
 TGMM_MGPU = [(128, 128, 64, 4, 1), (128, 128, 64, 4, 4), (128, 256, 64, 3, 1)]
+# Our Hopper tgmm (pallas_kernels/gmm/mosaic_gpu_tgmm.py): label -> TgmmConfig.
+TGMM_BASE = mosaic_gpu_tgmm.TgmmConfig()
+TGMM_CONFIGS = {
+    "hopper tgmm default": TGMM_BASE,
+    "hopper tgmm 4 stages": dataclasses.replace(TGMM_BASE, max_concurrent_steps=4),
+    "hopper tgmm 2 stages": dataclasses.replace(TGMM_BASE, max_concurrent_steps=2),
+    "hopper tgmm width 2": dataclasses.replace(TGMM_BASE, grid_tile_width=2),
+}
 
 
 def _tgmm_mgpu(x, dy, gs, cfg):
@@ -59,6 +71,10 @@ def _tgmm_mgpu(x, dy, gs, cfg):
 def candidates(p):
     if p.kind == "tgmm":
         out = [("triton tgmm", jax.jit(gpu.tgmm), p.args())]
+        for label, cfg in TGMM_CONFIGS.items():
+            f = functools.partial(mosaic_gpu_tgmm.tgmm_kernel, num_groups=p.w.shape[0])
+            f = functools.partial(f, out_dtype=None, cfg=cfg, num_sms=mosaic_gpu.num_sms())
+            out.append((label, jax.jit(f), p.args()))
         for cfg in TGMM_MGPU:
             f = jax.jit(functools.partial(_tgmm_mgpu, cfg=cfg))
             out.append((f"jax transposed_ragged_dot_mgpu {cfg}", f, p.args()))
@@ -145,8 +161,16 @@ def main():
     parser.add_argument("--out", default=".")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--kinds", default="fwd,dx,tgmm", help="products to time (comma list of fwd, dx, tgmm)"
+    )
+    parser.add_argument("--routing", default="balanced", choices=ROUTINGS)
     args = parser.parse_args()
-    probs = make_problems(args.quick)
+    kinds = args.kinds.split(",")
+    unknown = set(kinds) - {"fwd", "dx", "tgmm"}
+    if unknown:
+        parser.error(f"--kinds: unknown {sorted(unknown)}; allowed fwd, dx, tgmm")
+    probs = [p for p in make_problems(args.quick, routing=args.routing) if p.kind in kinds]
     cands = {id(p): candidates(p) for p in probs}
     jobs = [((id(p), i), f, a) for p in probs for i, (_, f, a) in enumerate(cands[id(p)])]
     exes = compile_all(jobs, workers=8)

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gmm import gpu as triton_gpu
+from pallas_kernels.gmm import mosaic_gpu_tgmm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +342,16 @@ def gmm_kernel(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype, cfg, num_s
     return kernel(*table, lhs_MxK, rhs)
 
 
-def tgmm(lhs_MxK, dout_MxN, group_sizes_G, **kwargs):
-    """The weight-gradient product: the Triton kernel (no Mosaic-GPU tgmm yet)."""
-    return triton_gpu.tgmm(lhs_MxK, dout_MxN, group_sizes_G, **kwargs)
+def tgmm(lhs_MxK, dout_MxN, group_sizes_G, *, config=None, **kwargs):
+    """The weight-gradient product: the Triton kernel, or the Hopper kernel of
+    ``mosaic_gpu_tgmm`` where a ``TgmmConfig`` is passed and it applies (opt-in until it is
+    measured on a device; see that module)."""
+    if config is None or kwargs.get("interpret") or not on_hopper():
+        return triton_gpu.tgmm(lhs_MxK, dout_MxN, group_sizes_G, **kwargs)
+    if not mosaic_gpu_tgmm.tgmm_applies(lhs_MxK, dout_MxN, config):
+        return triton_gpu.tgmm(lhs_MxK, dout_MxN, group_sizes_G, **kwargs)
+    num_groups = kwargs.get("num_groups") or group_sizes_G.shape[0]
+    out_dtype = kwargs.get("preferred_element_type")
+    return mosaic_gpu_tgmm.tgmm_kernel(
+        lhs_MxK, dout_MxN, group_sizes_G, num_groups, out_dtype, config, num_sms()
+    )

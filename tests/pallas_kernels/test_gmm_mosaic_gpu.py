@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.gmm import api, gmm, reference
+from pallas_kernels.gmm import api, gmm, mosaic_gpu_tgmm, reference
 from pallas_kernels.gmm import mosaic_gpu as gmm_mosaic_gpu
 from tests.pallas_kernels._gmm_helpers import _SETTINGS, GmmTestBase, _close, _inputs, problems
 
@@ -185,3 +185,75 @@ def test_transposed_weights_lower_for_hopper_on_cpu(split):
     f = lambda x, w, gs: gmm_mosaic_gpu.gmm_kernel(x, w, gs, True, None, cfg, 132)
     text = jax.jit(f).trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+def _tgmm_case(m, k, n, sizes, seed):
+    """bf16 inputs whose rows past the groups hold large values (they must add nothing)."""
+    x, _, _ = _inputs(m, k, n, 1, jnp.bfloat16, seed)
+    dy = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((m, n)), jnp.bfloat16)
+    past = int(np.sum(sizes))
+    x = x.at[past:].set(1e4)
+    dy = dy.at[past:].set(-1e4)
+    gs = jnp.asarray(sizes, jnp.int32)
+    want = reference.tgmm(x.astype(jnp.float32), dy.astype(jnp.float32), gs)
+    return x, dy, gs, want
+
+
+# Groups that start and end inside 64-row blocks, an empty group, a block shared by three
+# groups, a group longer than a pipeline ring, rows past the groups, M not a multiple of 64.
+TGMM_CASES = [
+    (1000, 128, 256, (600, 0, 1, 350)),
+    (904, 256, 512, (3, 70, 5, 0, 64, 700)),
+    (64, 128, 256, (0, 64)),
+    (520, 384, 256, (0, 0, 0)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gmm_mosaic_gpu.on_hopper(), reason="needs a Hopper GPU (sm_90a)")
+@pytest.mark.parametrize("case", TGMM_CASES)
+def test_hopper_tgmm_compiled(case):
+    """The Hopper weight-gradient kernel against the reference (compiled on Hopper)."""
+    m, k, n, sizes = case
+    x, dy, gs, want = _tgmm_case(m, k, n, sizes, seed=m)
+    cfg = mosaic_gpu_tgmm.TgmmConfig()
+    assert mosaic_gpu_tgmm.tgmm_applies(x, dy, cfg)
+    got = jax.jit(functools.partial(gmm_mosaic_gpu.tgmm, config=cfg))(x, dy, gs)
+    assert got.shape == (len(sizes), k, n) and got.dtype == jnp.bfloat16
+    _close(got, want, jnp.bfloat16)
+    for g, size in enumerate(sizes):
+        if size == 0:
+            assert np.all(np.asarray(got[g]) == 0), f"empty group {g} not zero"
+
+
+def test_hopper_tgmm_lowers_on_cpu():
+    """The Hopper ``tgmm`` lowers for CUDA on CPU (layout inference, operand shapes)."""
+    x = jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16)
+    dy = jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16)
+    gs = jax.ShapeDtypeStruct((5,), jnp.int32)
+    cfg = mosaic_gpu_tgmm.TgmmConfig()
+    f = lambda x, dy, gs: mosaic_gpu_tgmm.tgmm_kernel(x, dy, gs, 4, None, cfg, 132)
+    lowered = jax.jit(f).trace(x, dy, gs).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert lowered.out_info.shape == (4, 256, 512)
+
+
+def test_hopper_tgmm_config_and_applies():
+    for kwargs, name in (
+        (dict(tile_n=96), "tile_n"),
+        (dict(tile_r=0), "tile_r"),
+        (dict(tile_m=512), "tile_m"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            mosaic_gpu_tgmm.TgmmConfig(**kwargs)
+    bf = jnp.bfloat16
+    ok = mosaic_gpu_tgmm.tgmm_applies
+    assert ok(jnp.zeros((64, 128), bf), jnp.zeros((64, 256), bf))
+    assert not ok(jnp.zeros((64, 96), bf), jnp.zeros((64, 256), bf))  # K % 128
+    assert not ok(jnp.zeros((64, 128), bf), jnp.zeros((64, 128), bf))  # N % 256
+    assert not ok(jnp.zeros((40, 128), bf), jnp.zeros((40, 256), bf))  # M < tile_r
+    assert not ok(jnp.zeros((64, 128), jnp.float32), jnp.zeros((64, 256), jnp.float32))
+    # Off Hopper (and interpreted) the Triton kernel runs, config or not.
+    x, dy, gs, want = _tgmm_case(200, 128, 256, (50, 0, 100), seed=3)
+    got = gmm_mosaic_gpu.tgmm(x, dy, gs, config=mosaic_gpu_tgmm.TgmmConfig(), interpret=True)
+    _close(got, want, jnp.bfloat16)

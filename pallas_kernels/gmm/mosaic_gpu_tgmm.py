@@ -1,0 +1,184 @@
+"""Pallas Mosaic-GPU weight-gradient product for Hopper: ``out[g] = lhs[rows of g]^T @ dout[rows
+of g]`` with TMA loads, ``wgmma`` on a transposed shared-memory lhs and warp specialization.
+
+Schedule: a persistent grid (one CTA per SM) walks work items (group, K tile, N tile), groups
+outermost (the CTAs resident together share one group's rows in L2) and the tiles of a group
+in a planar snake. An item reduces over the group's rows in ``tile_r``-row blocks aligned to
+``tile_r``; one warpgroup issues the TMA copies of a ``[tile_r, tile_m]`` lhs block and a
+``[tile_r, 2 * tile_n]`` dout block into a ring of shared-memory stages, and two consumer
+warpgroups each accumulate a ``[tile_m, tile_n]`` half of the output tile (f32 registers),
+with A = the lhs block transposed and B = their own half of the dout block.
+
+A block that also holds rows of a neighbouring group (the first and last block of a group
+whose bounds are not multiples of ``tile_r``) has those dout rows zeroed in shared memory by
+the warpgroup that reads them before its ``wgmma``, so they add nothing; rows past M read as
+zeros (TMA). (A non-finite lhs value in a neighbour's row of such a block would turn into NaN
+here where the reference ignores it; finite inputs give the reference's result.) Empty groups
+run no steps and store zeros. Output tiles are whole (``K % tile_m == 0``, ``N % (2 * tile_n)
+== 0``), stored in ``epi_tile_n``-column chunks by TMA.
+
+Not yet the default: ``pallas_kernels.gmm.mosaic_gpu.tgmm`` runs the Triton kernel until this
+one is measured on a device (``benchmarks/gmm_mgpu_ab.py``; BENCHMARKS.md, gmm, GPU). On CPU
+it is checked by lowering for CUDA; its numerics are tested compiled on Hopper (the Mosaic GPU
+interpreter of jax 0.10 cannot run a transposed ``wgmma`` operand).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gmm import gpu as triton_gpu
+
+
+@dataclasses.dataclass(frozen=True)
+class TgmmConfig:
+    """Tiles and schedule of the Hopper ``tgmm``."""
+
+    tile_m: int = 128  # output rows (of K) per item
+    tile_n: int = 128  # output columns per consumer warpgroup; an item is 2 * tile_n wide
+    tile_r: int = 64  # rows of the reduction per pipeline step
+    max_concurrent_steps: int = 3
+    epi_tile_n: int = 64
+    grid_tile_width: int = 8
+
+    def __post_init__(self):
+        for name in ("tile_m", "tile_n", "tile_r", "max_concurrent_steps", "grid_tile_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.tile_n % self.epi_tile_n:
+            raise ValueError(f"tile_n={self.tile_n} must be a multiple of epi_tile_n")
+        if self.tile_m > 256 or 2 * self.tile_n > 256 or self.tile_r > 256:
+            raise ValueError("tile_m, 2 * tile_n and tile_r must be <= 256 (a TMA box)")
+
+
+def tgmm_applies(lhs_MxK, dout_MxN, config: TgmmConfig = TgmmConfig()) -> bool:
+    """Whether the Hopper ``tgmm`` takes these shapes and dtypes (the caller checks the
+    device): bf16 or f16 operands of one dtype, ``K % tile_m == 0``, ``N % (2 * tile_n) ==
+    0``, ``M >= tile_r`` and ``M % 8 == 0``."""
+    m, k = lhs_MxK.shape
+    n = dout_MxN.shape[1]
+    return (
+        lhs_MxK.dtype == dout_MxN.dtype
+        and jnp.dtype(lhs_MxK.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and k > 0
+        and k % config.tile_m == 0
+        and n % (2 * config.tile_n) == 0
+        and m >= config.tile_r
+        and m % 8 == 0
+    )
+
+
+def _zero_foreign_rows(ref, first_row, lo, hi):
+    """Zeroes the rows of a ``[tile_r, cols]`` shared-memory block (global rows
+    ``first_row + i``) outside ``[lo, hi)``, then makes the writes visible to ``wgmma``."""
+    rows = first_row + plgpu.layout_cast(
+        lax.broadcasted_iota(jnp.int32, ref.shape, 0), plgpu.Layout.WGMMA
+    )
+    keep = (rows >= lo) & (rows < hi)
+    ref[...] = jnp.where(keep, ref[...], jnp.zeros(ref.shape, ref.dtype))
+    plgpu.commit_smem()
+
+
+def _tgmm_kernel(starts_G, ends_G, lhs_gmem, dout_gmem, out_gmem, *, cfg):
+    num_groups, k, n = out_gmem.shape
+    tm, tn, tr = cfg.tile_m, cfg.tile_n, cfg.tile_r
+    k_tiles, n_tiles = k // tm, n // (2 * tn)
+    per_group = k_tiles * n_tiles
+    stages = cfg.max_concurrent_steps
+    itemsize = jnp.dtype(lhs_gmem.dtype).itemsize
+    swizzle = plgpu.find_swizzle(tr * itemsize * 8)
+    transforms = (
+        plgpu.TilingTransform((8, swizzle // itemsize)),
+        plgpu.SwizzleTransform(swizzle),
+    )
+
+    def pipeline(body, context, steps, first_blk=0, ki=0, ni=0):
+        lhs_spec = plgpu.BlockSpec((tr, tm), lambda r: (first_blk + r, ki), transforms=transforms)
+        dout_spec = plgpu.BlockSpec(
+            (tr, 2 * tn), lambda r: (first_blk + r, ni), transforms=transforms
+        )
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(steps,),
+            memory_registers=40,
+            in_specs=[lhs_spec, dout_spec],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=stages,
+            compute_context=context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore, stages).get_allocations(lhs_gmem, dout_gmem),
+        o_smem=plgpu.SMEM((2, tm, cfg.epi_tile_n), out_gmem.dtype),
+        collective_axes="wg",
+    )
+    def _scope(allocs, o_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((num_groups * per_group,), collective_axes="sm")
+        def _item(info):
+            g = info.index[0] // per_group
+            ki, ni = plgpu.planar_snake(
+                info.index[0] % per_group, (k_tiles, n_tiles), 1, cfg.grid_tile_width
+            )
+            lo, hi = starts_G[g], ends_G[g]
+            first_blk = lo // tr
+            steps = jnp.where(hi > lo, (hi - 1) // tr - first_blk + 1, 0)
+
+            def context(run):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+                def _acc(acc_ref):
+                    run(acc_ref)
+                    acc = acc_ref[...].astype(out_gmem.dtype)
+                    for c in range(tn // cfg.epi_tile_n):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        o_smem[wg] = acc[:, c * cfg.epi_tile_n : (c + 1) * cfg.epi_tile_n]
+                        plgpu.commit_smem()
+                        col = ni * 2 * tn + wg * tn + c * cfg.epi_tile_n
+                        dst = out_gmem.at[g, pl.ds(ki * tm, tm), pl.ds(col, cfg.epi_tile_n)]
+                        plgpu.copy_smem_to_gmem(o_smem.at[wg], dst)
+
+            def mma(idx, lhs_smem, dout_smem, acc_ref):
+                b_smem = dout_smem.at[:, pl.ds(wg * tn, tn)]
+                first_row = (first_blk + idx[0]) * tr
+                foreign = (first_row < lo) | (first_row + tr > hi)
+                pl.when(foreign)(lambda: _zero_foreign_rows(b_smem, first_row, lo, hi))
+                plgpu.wgmma(acc_ref, plgpu.transpose_ref(lhs_smem, (1, 0)), b_smem)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            pipeline(mma, context, steps, first_blk, ki, ni)(
+                lhs_gmem, dout_gmem, allocations=allocs
+            )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def tgmm_kernel(lhs_MxK, dout_MxN, group_sizes_G, num_groups, out_dtype, cfg, num_sms):
+    """The Hopper kernel itself, without the shape check (lowerable off-GPU).
+
+    Returns:
+      ``[num_groups, K, N]`` of ``out_dtype`` (default ``lhs.dtype``).
+    """
+    m, k = lhs_MxK.shape
+    n = dout_MxN.shape[1]
+    starts_H, ends_H = triton_gpu.tail_group_bounds(group_sizes_G[:num_groups], m)
+    kernel = plgpu.kernel(
+        functools.partial(_tgmm_kernel, cfg=cfg),
+        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype or lhs_MxK.dtype),
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    return kernel(starts_H[:num_groups], ends_H[:num_groups], lhs_MxK, dout_MxN)
