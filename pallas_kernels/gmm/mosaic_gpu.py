@@ -32,6 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gmm import gpu as triton_gpu
 from pallas_kernels.gmm import mosaic_gpu_tgmm
+from pallas_kernels.gmm.mosaic_gpu_pipeline import smem_transforms, two_consumer_pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,12 +175,7 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
     k_iters, n_iters, num_visits = k // tk, n // cta_n, group_V.shape[0]
     stages = min(cfg.max_concurrent_steps, k_iters)
     delay = min(cfg.delay_release, stages - 1)  # a stage can be held only if another exists
-    itemsize = jnp.dtype(lhs_gmem.dtype).itemsize
-    swizzle = plgpu.find_swizzle(tk * itemsize * 8)
-    transforms = (
-        plgpu.TilingTransform((8, swizzle // itemsize)),
-        plgpu.SwizzleTransform(swizzle),
-    )
+    transforms = smem_transforms(lhs_gmem.dtype, tk)
 
     def pipeline(body, context, steps, block=0):
         # Block indices: the lhs map is absolute (the row block); the weight maps are
@@ -196,16 +192,7 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
             transforms=transforms,
             delay_release=delay,
         )
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(steps,),
-            memory_registers=40,
-            in_specs=[lhs_spec, rhs_spec],
-            wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=stages,
-            compute_context=context,
-        )
+        return two_consumer_pipeline(body, context, steps, [lhs_spec, rhs_spec], stages)
 
     def rhs_slice(g, ni):
         cols = pl.ds(ni * cta_n, cta_n)

@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gmm import gpu as triton_gpu
+from pallas_kernels.gmm.mosaic_gpu_pipeline import smem_transforms, two_consumer_pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,28 +91,14 @@ def _tgmm_kernel(starts_G, ends_G, lhs_gmem, dout_gmem, out_gmem, *, cfg):
     k_tiles, n_tiles = k // tm, n // (2 * tn)
     per_group = k_tiles * n_tiles
     stages = cfg.max_concurrent_steps
-    itemsize = jnp.dtype(lhs_gmem.dtype).itemsize
-    swizzle = plgpu.find_swizzle(tr * itemsize * 8)
-    transforms = (
-        plgpu.TilingTransform((8, swizzle // itemsize)),
-        plgpu.SwizzleTransform(swizzle),
-    )
+    transforms = smem_transforms(lhs_gmem.dtype, tr)
 
     def pipeline(body, context, steps, first_blk=0, ki=0, ni=0):
         lhs_spec = plgpu.BlockSpec((tr, tm), lambda r: (first_blk + r, ki), transforms=transforms)
         dout_spec = plgpu.BlockSpec(
             (tr, 2 * tn), lambda r: (first_blk + r, ni), transforms=transforms
         )
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(steps,),
-            memory_registers=40,
-            in_specs=[lhs_spec, dout_spec],
-            wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=stages,
-            compute_context=context,
-        )
+        return two_consumer_pipeline(body, context, steps, [lhs_spec, dout_spec], stages)
 
     ignore = lambda *_, **__: None  # noqa: E731
 
