@@ -241,9 +241,9 @@ def _kernel(group_V, block_V, lo_V, hi_V, lhs_gmem, rhs_gmem, out_gmem, *, cfg, 
                 def mma(_, a_smem, b_smem, acc_ref):
                     if split_m:
                         a_smem = a_smem.at[pl.ds(wg * tm, tm)]
-                        b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
+                        b = b_smem.transpose((1, 0)) if transpose_rhs else b_smem
                     elif transpose_rhs:
-                        b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+                        b = b_smem.at[pl.ds(wg * tn, tn), :].transpose((1, 0))
                     else:
                         b = b_smem.at[:, pl.ds(wg * tn, tn)]
                     plgpu.wgmma(acc_ref, a_smem, b)
@@ -329,16 +329,40 @@ def gmm_kernel(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype, cfg, num_s
     return kernel(*table, lhs_MxK, rhs)
 
 
-def tgmm(lhs_MxK, dout_MxN, group_sizes_G, *, config=None, **kwargs):
+def tgmm(
+    lhs_MxK,
+    dout_MxN,
+    group_sizes_G,
+    *,
+    num_groups=None,
+    preferred_element_type=None,
+    interpret=False,
+    config=None,
+    **triton_tiles,
+):
     """The weight-gradient product: the Triton kernel, or the Hopper kernel of
-    ``mosaic_gpu_tgmm`` where a ``TgmmConfig`` is passed and it applies (opt-in until it is
-    measured on a device; see that module)."""
-    if config is None or kwargs.get("interpret") or not on_hopper():
-        return triton_gpu.tgmm(lhs_MxK, dout_MxN, group_sizes_G, **kwargs)
-    if not mosaic_gpu_tgmm.tgmm_applies(lhs_MxK, dout_MxN, config):
-        return triton_gpu.tgmm(lhs_MxK, dout_MxN, group_sizes_G, **kwargs)
-    num_groups = kwargs.get("num_groups") or group_sizes_G.shape[0]
-    out_dtype = kwargs.get("preferred_element_type")
+    ``mosaic_gpu_tgmm`` where a ``TgmmConfig`` is passed, the device is Hopper and it applies
+    (opt-in until it is measured on a device; see that module). ``triton_tiles`` are the Triton
+    kernel's tile arguments (``gpu.tgmm``), which a ``config`` excludes."""
+    if config is not None and triton_tiles:
+        raise ValueError(f"config and Triton tiles {sorted(triton_tiles)}: pass one or the other")
+    num_groups = num_groups or group_sizes_G.shape[0]
+    out_dtype = preferred_element_type or lhs_MxK.dtype
+    if (
+        config is None
+        or interpret
+        or not on_hopper()
+        or not mosaic_gpu_tgmm.tgmm_applies(lhs_MxK, dout_MxN, config, out_dtype)
+    ):
+        return triton_gpu.tgmm(
+            lhs_MxK,
+            dout_MxN,
+            group_sizes_G,
+            num_groups=num_groups,
+            preferred_element_type=out_dtype,
+            interpret=interpret,
+            **triton_tiles,
+        )
     return mosaic_gpu_tgmm.tgmm_kernel(
         lhs_MxK, dout_MxN, group_sizes_G, num_groups, out_dtype, config, num_sms()
     )

@@ -18,9 +18,10 @@ run no steps and store zeros. Output tiles are whole (``K % tile_m == 0``, ``N %
 == 0``), stored in ``epi_tile_n``-column chunks by TMA.
 
 Not yet the default: ``pallas_kernels.gmm.mosaic_gpu.tgmm`` runs the Triton kernel until this
-one is measured on a device (``benchmarks/gmm_mgpu_ab.py``; BENCHMARKS.md, gmm, GPU). On CPU
-it is checked by lowering for CUDA; its numerics are tested compiled on Hopper (the Mosaic GPU
-interpreter of jax 0.10 cannot run a transposed ``wgmma`` operand).
+one is measured on a device (``benchmarks/gmm_mgpu_ab.py``; BENCHMARKS.md, gmm, GPU). Tested
+compiled on Hopper, in the Mosaic GPU interpreter on CPU with jax >= 0.11 (jax 0.10's
+interpreter cannot run a transposed ``wgmma`` operand), and lowered for CUDA on CPU with any
+jax.
 """
 
 import dataclasses
@@ -34,6 +35,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gmm import gpu as triton_gpu
 from pallas_kernels.gmm.mosaic_gpu_pipeline import smem_transforms, two_consumer_pipeline
+
+# Dynamic shared memory one CTA may use on an H100 / H200 (227 KiB).
+SMEM_LIMIT_BYTES = 232448
+# The Mosaic GPU interpreter runs a transposed shared-memory ``wgmma`` operand from jax 0.11
+# on (jax 0.10's raises), so the kernel itself can be tested on CPU there.
+INTERPRETABLE = jax.__version_info__ >= (0, 11)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,26 +58,43 @@ class TgmmConfig:
         for name in ("tile_m", "tile_n", "tile_r", "max_concurrent_steps", "grid_tile_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.tile_n % self.epi_tile_n:
-            raise ValueError(f"tile_n={self.tile_n} must be a multiple of epi_tile_n")
+        if self.tile_m % 64 or self.tile_r % 64:
+            raise ValueError(
+                f"tile_m={self.tile_m} and tile_r={self.tile_r} must be multiples of 64"
+            )
+        if self.tile_n % self.epi_tile_n or self.epi_tile_n % 8:
+            raise ValueError(
+                f"tile_n={self.tile_n} must be a multiple of epi_tile_n={self.epi_tile_n}, "
+                "itself a multiple of 8"
+            )
         if self.tile_m > 256 or 2 * self.tile_n > 256 or self.tile_r > 256:
             raise ValueError("tile_m, 2 * tile_n and tile_r must be <= 256 (a TMA box)")
 
+    def smem_bytes(self, in_dtype, out_dtype) -> int:
+        """Shared memory of one CTA: the pipeline's stages, the epilogue's two staging
+        buffers and 1 KiB for barriers and alignment."""
+        stage = self.tile_r * (self.tile_m + 2 * self.tile_n) * jnp.dtype(in_dtype).itemsize
+        staging = 2 * self.tile_m * self.epi_tile_n * jnp.dtype(out_dtype).itemsize
+        return self.max_concurrent_steps * stage + staging + 1024
 
-def tgmm_applies(lhs_MxK, dout_MxN, config: TgmmConfig = TgmmConfig()) -> bool:
+
+def tgmm_applies(lhs_MxK, dout_MxN, config: TgmmConfig = TgmmConfig(), out_dtype=None) -> bool:
     """Whether the Hopper ``tgmm`` takes these shapes and dtypes (the caller checks the
-    device): bf16 or f16 operands of one dtype, ``K % tile_m == 0``, ``N % (2 * tile_n) ==
-    0``, ``M >= tile_r`` and ``M % 8 == 0``."""
+    device): bf16 or f16 operands of one dtype and one row count ``M >= tile_r``,
+    ``K % tile_m == 0``, ``N % (2 * tile_n) == 0``, and the config's shared memory within
+    ``SMEM_LIMIT_BYTES`` for ``out_dtype`` (default the operands')."""
     m, k = lhs_MxK.shape
     n = dout_MxN.shape[1]
+    out_dtype = out_dtype or lhs_MxK.dtype
     return (
         lhs_MxK.dtype == dout_MxN.dtype
         and jnp.dtype(lhs_MxK.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and dout_MxN.shape[0] == m
         and k > 0
         and k % config.tile_m == 0
         and n % (2 * config.tile_n) == 0
         and m >= config.tile_r
-        and m % 8 == 0
+        and config.smem_bytes(lhs_MxK.dtype, out_dtype) <= SMEM_LIMIT_BYTES
     )
 
 
@@ -139,7 +163,7 @@ def _tgmm_kernel(starts_G, ends_G, lhs_gmem, dout_gmem, out_gmem, *, cfg):
                 first_row = (first_blk + idx[0]) * tr
                 foreign = (first_row < lo) | (first_row + tr > hi)
                 pl.when(foreign)(lambda: _zero_foreign_rows(b_smem, first_row, lo, hi))
-                plgpu.wgmma(acc_ref, plgpu.transpose_ref(lhs_smem, (1, 0)), b_smem)
+                plgpu.wgmma(acc_ref, lhs_smem.transpose((1, 0)), b_smem)
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
@@ -150,22 +174,34 @@ def _tgmm_kernel(starts_G, ends_G, lhs_gmem, dout_gmem, out_gmem, *, cfg):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def tgmm_kernel(lhs_MxK, dout_MxN, group_sizes_G, num_groups, out_dtype, cfg, num_sms):
+def tgmm_kernel(
+    lhs_MxK, dout_MxN, group_sizes_G, num_groups, out_dtype, cfg, num_sms, interpret=None
+):
     """The Hopper kernel itself, without the shape check (lowerable off-GPU).
+
+    Args:
+      interpret: ``InterpretGPUParams`` to run it in the Mosaic GPU interpreter (jax >= 0.11,
+        ``INTERPRETABLE``), or None to compile.
 
     Returns:
       ``[num_groups, K, N]`` of ``out_dtype`` (default ``lhs.dtype``).
     """
     m, k = lhs_MxK.shape
     n = dout_MxN.shape[1]
+    out_dtype = out_dtype or lhs_MxK.dtype
+    if not 0 <= num_groups <= group_sizes_G.shape[0]:
+        raise ValueError(f"num_groups={num_groups} must lie in [0, {group_sizes_G.shape[0]}]")
+    if num_groups == 0:
+        return jnp.zeros((0, k, n), out_dtype)
     starts_H, ends_H = triton_gpu.tail_group_bounds(group_sizes_G[:num_groups], m)
     kernel = plgpu.kernel(
         functools.partial(_tgmm_kernel, cfg=cfg),
-        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype or lhs_MxK.dtype),
+        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         grid=(num_sms,),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret,
     )
     return kernel(starts_H[:num_groups], ends_H[:num_groups], lhs_MxK, dout_MxN)

@@ -1,6 +1,7 @@
 """The Mosaic GPU (Hopper) grouped matmul: its visit schedule, its config checks, and the kernel
 against the reference, compiled on Hopper or in the Mosaic GPU interpreter on CPU."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from pallas_kernels.gmm import api, gmm, mosaic_gpu_tgmm, reference
 from pallas_kernels.gmm import mosaic_gpu as gmm_mosaic_gpu
 from tests.pallas_kernels._gmm_helpers import _SETTINGS, GmmTestBase, _close, _inputs, problems
+from tests.pallas_kernels._lowering import abstract_h100
 
 
 @settings(max_examples=40, **_SETTINGS)
@@ -168,8 +170,9 @@ def test_fwd_bwd_lowers_for_hopper_on_cpu(monkeypatch):
         jax.ShapeDtypeStruct((g,), jnp.int32),
     )
     assert gmm_mosaic_gpu.default_config(m, g) is not None  # long groups: the Hopper kernel
-    text = jax.jit(jax.grad(loss, (0, 1))).trace(*args).lower(lowering_platforms=("cuda",))
-    text = text.as_text()
+    with abstract_h100():
+        traced = jax.jit(jax.grad(loss, (0, 1))).trace(*args)
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
     assert sum("@mosaic_gpu" in c for c in calls) == 2, "forward and d lhs on the Hopper kernel"
     assert sum("triton" in c for c in calls) == 1, "d rhs on the Triton tgmm"
@@ -199,31 +202,80 @@ def _tgmm_case(m, k, n, sizes, seed):
     return x, dy, gs, want
 
 
+def _check_tgmm(got, want, sizes):
+    """Each group against the reference at its own scale; empty groups exactly zero."""
+    assert got.shape == want.shape and got.dtype == jnp.bfloat16
+    for g, size in enumerate(sizes):
+        if size == 0:
+            assert np.all(np.asarray(got[g]) == 0), f"empty group {g} not zero"
+        else:
+            _close(got[g], want[g], jnp.bfloat16)
+
+
+def _run_tgmm(x, dy, gs, cfg, num_sms, interpret=None):
+    f = functools.partial(
+        mosaic_gpu_tgmm.tgmm_kernel, num_groups=gs.shape[0], out_dtype=None, cfg=cfg
+    )
+    return jax.jit(functools.partial(f, num_sms=num_sms, interpret=interpret))(x, dy, gs)
+
+
 # Groups that start and end inside 64-row blocks, an empty group, a block shared by three
-# groups, a group longer than a pipeline ring, rows past the groups, M not a multiple of 64.
+# groups, groups longer than a pipeline ring, rows past the groups, a last group ending in a
+# partial block (M % 64 != 0: TMA fills the rows past M with zeros), all groups empty.
 TGMM_CASES = [
     (1000, 128, 256, (600, 0, 1, 350)),
     (904, 256, 512, (3, 70, 5, 0, 64, 700)),
+    (1000, 128, 256, (600, 400)),
     (64, 128, 256, (0, 64)),
     (520, 384, 256, (0, 0, 0)),
 ]
+_TGMM_BASE = mosaic_gpu_tgmm.TgmmConfig()
+TGMM_CONFIGS = {
+    "default": _TGMM_BASE,
+    "4 stages": dataclasses.replace(_TGMM_BASE, max_concurrent_steps=4),
+    "1 stage, width 2": dataclasses.replace(_TGMM_BASE, max_concurrent_steps=1, grid_tile_width=2),
+}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gmm_mosaic_gpu.on_hopper(), reason="needs a Hopper GPU (sm_90a)")
+@pytest.mark.parametrize("config", list(TGMM_CONFIGS))
 @pytest.mark.parametrize("case", TGMM_CASES)
-def test_hopper_tgmm_compiled(case):
-    """The Hopper weight-gradient kernel against the reference (compiled on Hopper)."""
+def test_hopper_tgmm_compiled(case, config):
+    """The Hopper weight-gradient kernel against the reference, compiled on Hopper: one item
+    per CTA (all SMs) and many (3 CTAs); empty groups checked after a run whose output had
+    no zeros was freed, so that reused memory cannot pass for a stored zero."""
     m, k, n, sizes = case
     x, dy, gs, want = _tgmm_case(m, k, n, sizes, seed=m)
-    cfg = mosaic_gpu_tgmm.TgmmConfig()
+    cfg = TGMM_CONFIGS[config]
     assert mosaic_gpu_tgmm.tgmm_applies(x, dy, cfg)
+    for num_sms in (gmm_mosaic_gpu.num_sms(), 3):
+        full = jnp.full((len(sizes),), m // len(sizes), jnp.int32)
+        _run_tgmm(x, dy, full, cfg, num_sms).block_until_ready()  # freed: its memory is reused
+        _check_tgmm(_run_tgmm(x, dy, gs, cfg, num_sms), want, sizes)
+    # Through the opt-in routing.
     got = jax.jit(functools.partial(gmm_mosaic_gpu.tgmm, config=cfg))(x, dy, gs)
-    assert got.shape == (len(sizes), k, n) and got.dtype == jnp.bfloat16
-    _close(got, want, jnp.bfloat16)
-    for g, size in enumerate(sizes):
-        if size == 0:
-            assert np.all(np.asarray(got[g]) == 0), f"empty group {g} not zero"
+    _check_tgmm(got, want, sizes)
+
+
+@pytest.mark.skipif(
+    not mosaic_gpu_tgmm.INTERPRETABLE,
+    reason="the Mosaic GPU interpreter of jax < 0.11 cannot run a transposed wgmma operand",
+)
+@pytest.mark.parametrize("config", list(TGMM_CONFIGS))
+@pytest.mark.parametrize("case", TGMM_CASES)
+def test_hopper_tgmm_interpret(case, config):
+    """The Hopper kernel in the Mosaic GPU interpreter, 2 and 5 CTAs (several items each).
+    Unwritten memory reads as NaN, so a tile never stored fails; where M % 64 != 0 the rows
+    past M read as zeros instead, as TMA fills them on the device."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    m, k, n, sizes = case
+    x, dy, gs, want = _tgmm_case(m, k, n, sizes, seed=m)
+    fill = "nan" if m % _TGMM_BASE.tile_r == 0 else "zero"
+    params = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory=fill)
+    for num_sms in (2, 5):
+        _check_tgmm(_run_tgmm(x, dy, gs, TGMM_CONFIGS[config], num_sms, params), want, sizes)
 
 
 def test_hopper_tgmm_lowers_on_cpu():
@@ -231,29 +283,43 @@ def test_hopper_tgmm_lowers_on_cpu():
     x = jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16)
     dy = jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16)
     gs = jax.ShapeDtypeStruct((5,), jnp.int32)
-    cfg = mosaic_gpu_tgmm.TgmmConfig()
-    f = lambda x, dy, gs: mosaic_gpu_tgmm.tgmm_kernel(x, dy, gs, 4, None, cfg, 132)
-    lowered = jax.jit(f).trace(x, dy, gs).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("stablehlo.custom_call @mosaic_gpu") == 1
-    assert lowered.out_info.shape == (4, 256, 512)
+    for cfg in TGMM_CONFIGS.values():
+        f = lambda x, dy, gs, cfg=cfg: mosaic_gpu_tgmm.tgmm_kernel(x, dy, gs, 4, None, cfg, 132)
+        lowered = jax.jit(f).trace(x, dy, gs).lower(lowering_platforms=("cuda",))
+        assert lowered.as_text().count("stablehlo.custom_call @mosaic_gpu") == 1
+        assert lowered.out_info.shape == (4, 256, 512)
 
 
 def test_hopper_tgmm_config_and_applies():
     for kwargs, name in (
         (dict(tile_n=96), "tile_n"),
         (dict(tile_r=0), "tile_r"),
+        (dict(tile_r=32), "tile_r"),
         (dict(tile_m=512), "tile_m"),
     ):
         with pytest.raises(ValueError, match=name):
             mosaic_gpu_tgmm.TgmmConfig(**kwargs)
-    bf = jnp.bfloat16
+    bf, f32 = jnp.bfloat16, jnp.float32
     ok = mosaic_gpu_tgmm.tgmm_applies
     assert ok(jnp.zeros((64, 128), bf), jnp.zeros((64, 256), bf))
+    assert ok(jnp.zeros((100, 128), bf), jnp.zeros((100, 256), bf))  # any M >= tile_r
     assert not ok(jnp.zeros((64, 96), bf), jnp.zeros((64, 256), bf))  # K % 128
     assert not ok(jnp.zeros((64, 128), bf), jnp.zeros((64, 128), bf))  # N % 256
     assert not ok(jnp.zeros((40, 128), bf), jnp.zeros((40, 256), bf))  # M < tile_r
-    assert not ok(jnp.zeros((64, 128), jnp.float32), jnp.zeros((64, 256), jnp.float32))
+    assert not ok(jnp.zeros((64, 128), bf), jnp.zeros((72, 256), bf))  # row counts differ
+    assert not ok(jnp.zeros((64, 128), f32), jnp.zeros((64, 256), f32))
+    four = TGMM_CONFIGS["4 stages"]  # 225 KiB with a bf16 output; over the limit with f32
+    assert ok(jnp.zeros((64, 128), bf), jnp.zeros((64, 256), bf), four)
+    assert not ok(jnp.zeros((64, 128), bf), jnp.zeros((64, 256), bf), four, f32)
+    with pytest.raises(ValueError, match="num_groups"):
+        mosaic_gpu_tgmm.tgmm_kernel(
+            jnp.zeros((64, 128), bf), jnp.zeros((64, 256), bf), jnp.zeros(2, jnp.int32),
+            3, None, _TGMM_BASE, 2,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="block_m"):
+        gmm_mosaic_gpu.tgmm(x := jnp.zeros((64, 128), bf), x, jnp.zeros(1, jnp.int32),
+                            config=_TGMM_BASE, block_m=32)  # fmt: skip
     # Off Hopper (and interpreted) the Triton kernel runs, config or not.
     x, dy, gs, want = _tgmm_case(200, 128, 256, (50, 0, 100), seed=3)
-    got = gmm_mosaic_gpu.tgmm(x, dy, gs, config=mosaic_gpu_tgmm.TgmmConfig(), interpret=True)
-    _close(got, want, jnp.bfloat16)
+    got = gmm_mosaic_gpu.tgmm(x, dy, gs, config=_TGMM_BASE, interpret=True)
+    _check_tgmm(got, want, (50, 0, 100))
