@@ -239,7 +239,7 @@ TGMM_CONFIGS = {
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gmm_mosaic_gpu.on_hopper(), reason="needs a Hopper GPU (sm_90a)")
-@pytest.mark.parametrize("config", list(TGMM_CONFIGS))
+@pytest.mark.parametrize("config", ["default", "4 stages"])  # 1 stage: interpreted only
 @pytest.mark.parametrize("case", TGMM_CASES)
 def test_hopper_tgmm_compiled(case, config):
     """The Hopper weight-gradient kernel against the reference, compiled on Hopper: one item
@@ -253,9 +253,9 @@ def test_hopper_tgmm_compiled(case, config):
         full = jnp.full((len(sizes),), m // len(sizes), jnp.int32)
         _run_tgmm(x, dy, full, cfg, num_sms).block_until_ready()  # freed: its memory is reused
         _check_tgmm(_run_tgmm(x, dy, gs, cfg, num_sms), want, sizes)
-    # Through the opt-in routing.
-    got = jax.jit(functools.partial(gmm_mosaic_gpu.tgmm, config=cfg))(x, dy, gs)
-    _check_tgmm(got, want, sizes)
+    if config == "default":  # through the opt-in routing
+        got = jax.jit(functools.partial(gmm_mosaic_gpu.tgmm, config=cfg))(x, dy, gs)
+        _check_tgmm(got, want, sizes)
 
 
 @pytest.mark.skipif(
