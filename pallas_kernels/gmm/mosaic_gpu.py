@@ -32,7 +32,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gmm import gpu as triton_gpu
 from pallas_kernels.gmm import mosaic_gpu_tgmm
-from pallas_kernels.gmm.mosaic_gpu_pipeline import smem_transforms, two_consumer_pipeline
+from pallas_kernels.gmm.mosaic_gpu_pipeline import (
+    INTERPRETER_TRANSPOSES,
+    smem_transforms,
+    two_consumer_pipeline,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +106,9 @@ def applies(
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     return (
         (interpret or on_hopper())
-        # The interpreter's wgmma (jax 0.10) reads transposed shared-memory operands as if
-        # untransposed, so interpreted d lhs products run the Triton kernel.
-        and not (interpret and transpose_rhs)
+        # Before jax 0.11 the interpreter's wgmma read transposed shared-memory operands as if
+        # untransposed, so there interpreted d lhs products run the Triton kernel.
+        and not (interpret and transpose_rhs and not INTERPRETER_TRANSPOSES)
         and lhs_MxK.dtype == rhs.dtype
         and jnp.dtype(lhs_MxK.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and k % config.tile_k == 0

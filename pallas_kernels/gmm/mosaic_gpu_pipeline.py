@@ -1,8 +1,14 @@
 """What the Hopper grouped-matmul kernels share: shared-memory transforms for ``wgmma``
 operands and a warp-specialized pipeline with one memory and two consumer warpgroups."""
 
+import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# The Mosaic GPU interpreter runs transposed shared-memory ``wgmma`` operands from jax 0.11 on
+# (jax 0.10's raises or reads them untransposed), so only from there can the kernels' transposed
+# products be tested on CPU.
+INTERPRETER_TRANSPOSES = jax.__version_info__ >= (0, 11)
 
 
 def smem_transforms(dtype, contraction: int):

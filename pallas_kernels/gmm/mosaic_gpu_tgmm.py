@@ -38,9 +38,6 @@ from pallas_kernels.gmm.mosaic_gpu_pipeline import smem_transforms, two_consumer
 
 # Dynamic shared memory one CTA may use on an H100 / H200 (227 KiB).
 SMEM_LIMIT_BYTES = 232448
-# The Mosaic GPU interpreter runs a transposed shared-memory ``wgmma`` operand from jax 0.11
-# on (jax 0.10's raises), so the kernel itself can be tested on CPU there.
-INTERPRETABLE = jax.__version_info__ >= (0, 11)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +178,7 @@ def tgmm_kernel(
 
     Args:
       interpret: ``InterpretGPUParams`` to run it in the Mosaic GPU interpreter (jax >= 0.11,
-        ``INTERPRETABLE``), or None to compile.
+        ``mosaic_gpu_pipeline.INTERPRETER_TRANSPOSES``), or None to compile.
 
     Returns:
       ``[num_groups, K, N]`` of ``out_dtype`` (default ``lhs.dtype``).

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pallas_kernels.gmm import api, gmm, mosaic_gpu_tgmm, reference
 from pallas_kernels.gmm import mosaic_gpu as gmm_mosaic_gpu
+from pallas_kernels.gmm.mosaic_gpu_pipeline import INTERPRETER_TRANSPOSES
 from tests.pallas_kernels._gmm_helpers import _SETTINGS, GmmTestBase, _close, _inputs, problems
 from tests.pallas_kernels._lowering import abstract_h100
 
@@ -43,6 +44,7 @@ class MosaicGpuKernelChecks:
     it compiled or in the Mosaic GPU interpreter."""
 
     INTERPRET = False
+    TRANSPOSES = True  # the transposed-weight product (d lhs) runs on this kernel
     KERNEL_EXAMPLES = 6
     ROW_BLOCKS = (32, 187)  # M = 8 * r: not always a multiple of the 128-row tile
     K_CHOICES = (64, 192, 512)
@@ -57,7 +59,8 @@ class MosaicGpuKernelChecks:
 
     def test_kernel_bf16(self):
         """Uneven and empty groups, rows past the groups, M not a multiple of the tile; both
-        contractions (compiled) and both splits of the CTA tile between the warpgroups."""
+        contractions (compiled, or interpreted from jax 0.11) and both splits of the CTA tile
+        between the warpgroups."""
 
         @settings(max_examples=self.KERNEL_EXAMPLES, **_SETTINGS)
         @given(
@@ -74,7 +77,7 @@ class MosaicGpuKernelChecks:
             gs = jnp.asarray(sizes.astype(np.int32))
             x, w, _ = _inputs(m, k, n, g, jnp.bfloat16, seed % 1000)
             want = reference.gmm(x.astype(jnp.float32), w.astype(jnp.float32), gs)
-            for transpose_rhs in (False,) if self.INTERPRET else (False, True):
+            for transpose_rhs in (False, True) if self.TRANSPOSES else (False,):
                 w_arg = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
                 for split in ("n", "m") if m >= 256 else ("n",):
                     cfg = gmm_mosaic_gpu.Config(wg_split=split)
@@ -95,8 +98,8 @@ class MosaicGpuKernelChecks:
         dy = c.astype(jnp.bfloat16)  # the backward casts dy to the operand dtype
         assert gmm_mosaic_gpu.default_config(m, len(sizes)) is not None
         assert gmm_mosaic_gpu.applies(x, w, False, interpret=self.INTERPRET)
-        # Interpreted, d lhs runs the Triton kernel (see `applies`).
-        assert gmm_mosaic_gpu.applies(dy, w, True, interpret=self.INTERPRET) != self.INTERPRET
+        # Interpreted before jax 0.11, d lhs runs the Triton kernel (see `applies`).
+        assert gmm_mosaic_gpu.applies(dy, w, True, interpret=self.INTERPRET) == self.TRANSPOSES
 
         def loss(x, w):
             y = gmm(x, w, gs, implementation="mosaic_gpu", interpret=self.INTERPRET)
@@ -117,6 +120,7 @@ class TestMosaicGpuInterpret(MosaicGpuKernelChecks):
     """The Hopper kernel in the Mosaic GPU interpreter on CPU (small shapes: it is slow)."""
 
     INTERPRET = True
+    TRANSPOSES = INTERPRETER_TRANSPOSES
     KERNEL_EXAMPLES = 2
     ROW_BLOCKS = (32, 48)  # M >= 256: both splits run in every example
     K_CHOICES = (64, 128)
@@ -259,7 +263,7 @@ def test_hopper_tgmm_compiled(case, config):
 
 
 @pytest.mark.skipif(
-    not mosaic_gpu_tgmm.INTERPRETABLE,
+    not INTERPRETER_TRANSPOSES,
     reason="the Mosaic GPU interpreter of jax < 0.11 cannot run a transposed wgmma operand",
 )
 @pytest.mark.parametrize("config", list(TGMM_CONFIGS))
