@@ -49,6 +49,7 @@ TGMM_CONFIGS = {
     "hopper tgmm 4 stages": dataclasses.replace(TGMM_BASE, max_concurrent_steps=4),
     "hopper tgmm 2 stages": dataclasses.replace(TGMM_BASE, max_concurrent_steps=2),
     "hopper tgmm width 2": dataclasses.replace(TGMM_BASE, grid_tile_width=2),
+    "hopper tgmm plain epilogue": dataclasses.replace(TGMM_BASE, swizzle_epilogue=False),
 }
 
 

@@ -15,7 +15,7 @@ the warpgroup that reads them before its ``wgmma``, so they add nothing; rows pa
 zeros (TMA). (A non-finite lhs value in a neighbour's row of such a block would turn into NaN
 here where the reference ignores it; finite inputs give the reference's result.) Empty groups
 run no steps and store zeros. Output tiles are whole (``K % tile_m == 0``, ``N % (2 * tile_n)
-== 0``), stored in ``epi_tile_n``-column chunks by TMA.
+== 0``), stored in ``epi_tile_n``-column chunks by TMA from swizzled staging buffers.
 
 Not yet the default: ``pallas_kernels.gmm.mosaic_gpu.tgmm`` runs the Triton kernel until this
 one is measured on a device (``benchmarks/gmm_mgpu_ab.py``; BENCHMARKS.md, gmm, GPU). Tested
@@ -50,6 +50,10 @@ class TgmmConfig:
     max_concurrent_steps: int = 3
     epi_tile_n: int = 64
     grid_tile_width: int = 8
+    # Stage the epilogue's chunks in swizzled shared memory (the output tiles are whole, so
+    # every TMA store is a whole swizzled box): no bank conflicts when the warpgroups write
+    # their accumulator rows. False: plain row-major staging, as in the forward kernel.
+    swizzle_epilogue: bool = True
 
     def __post_init__(self):
         for name in ("tile_m", "tile_n", "tile_r", "max_concurrent_steps", "grid_tile_width"):
@@ -126,7 +130,13 @@ def _tgmm_kernel(starts_G, ends_G, lhs_gmem, dout_gmem, out_gmem, *, cfg):
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore, stages).get_allocations(lhs_gmem, dout_gmem),
-        o_smem=plgpu.SMEM((2, tm, cfg.epi_tile_n), out_gmem.dtype),
+        o_smem=plgpu.SMEM(
+            (2, tm, cfg.epi_tile_n),
+            out_gmem.dtype,
+            transforms=smem_transforms(out_gmem.dtype, cfg.epi_tile_n)
+            if cfg.swizzle_epilogue
+            else (),
+        ),
         collective_axes="wg",
     )
     def _scope(allocs, o_smem):

@@ -238,6 +238,7 @@ TGMM_CONFIGS = {
     "default": _TGMM_BASE,
     "4 stages": dataclasses.replace(_TGMM_BASE, max_concurrent_steps=4),
     "1 stage, width 2": dataclasses.replace(_TGMM_BASE, max_concurrent_steps=1, grid_tile_width=2),
+    "plain epilogue": dataclasses.replace(_TGMM_BASE, swizzle_epilogue=False),
 }
 
 
