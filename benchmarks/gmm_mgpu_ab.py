@@ -73,8 +73,13 @@ def candidates(p):
     if p.kind == "tgmm":
         out = [("triton tgmm", jax.jit(gpu.tgmm), p.args())]
         for label, cfg in TGMM_CONFIGS.items():
-            f = functools.partial(mosaic_gpu_tgmm.tgmm_kernel, num_groups=p.w.shape[0])
-            f = functools.partial(f, out_dtype=None, cfg=cfg, num_sms=mosaic_gpu.num_sms())
+            f = functools.partial(
+                mosaic_gpu_tgmm.tgmm_kernel,
+                num_groups=p.w.shape[0],
+                out_dtype=None,
+                cfg=cfg,
+                num_sms=mosaic_gpu.num_sms(),
+            )
             out.append((label, jax.jit(f), p.args()))
         for cfg in TGMM_MGPU:
             f = jax.jit(functools.partial(_tgmm_mgpu, cfg=cfg))

@@ -34,6 +34,7 @@ from pallas_kernels.gmm import gpu as triton_gpu
 from pallas_kernels.gmm import mosaic_gpu_tgmm
 from pallas_kernels.gmm.mosaic_gpu_pipeline import (
     INTERPRETER_TRANSPOSES,
+    persistent_kernel,
     smem_transforms,
     two_consumer_pipeline,
 )
@@ -320,15 +321,11 @@ def gmm_kernel(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype, cfg, num_s
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = out_dtype or lhs_MxK.dtype
     table = block_visit_table(group_sizes_G, m, cfg.cta_m)
-    kernel = plgpu.kernel(
+    kernel = persistent_kernel(
         functools.partial(_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(num_sms,),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret,
+        jax.ShapeDtypeStruct((m, n), out_dtype),
+        num_sms,
+        interpret,
     )
     return kernel(*table, lhs_MxK, rhs)
 

@@ -33,3 +33,18 @@ def two_consumer_pipeline(body, context, steps, in_specs, stages: int):
         max_concurrent_steps=stages,
         compute_context=context,
     )
+
+
+def persistent_kernel(body, out_type, num_sms: int, interpret=None):
+    """A Warpgroup-semantics ``plgpu.kernel`` of one CTA per SM (grid axis ``"sm"``) with
+    three warpgroups (thread axis ``"wg"``): the memory warpgroup and two consumers."""
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret,
+    )

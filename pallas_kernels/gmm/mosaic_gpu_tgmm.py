@@ -34,7 +34,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gmm import gpu as triton_gpu
-from pallas_kernels.gmm.mosaic_gpu_pipeline import smem_transforms, two_consumer_pipeline
+from pallas_kernels.gmm.mosaic_gpu_pipeline import (
+    persistent_kernel,
+    smem_transforms,
+    two_consumer_pipeline,
+)
 
 # Dynamic shared memory one CTA may use on an H100 / H200 (227 KiB).
 SMEM_LIMIT_BYTES = 232448
@@ -201,14 +205,10 @@ def tgmm_kernel(
     if num_groups == 0:
         return jnp.zeros((0, k, n), out_dtype)
     starts_H, ends_H = triton_gpu.tail_group_bounds(group_sizes_G[:num_groups], m)
-    kernel = plgpu.kernel(
+    kernel = persistent_kernel(
         functools.partial(_tgmm_kernel, cfg=cfg),
-        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-        grid=(num_sms,),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret,
+        jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        num_sms,
+        interpret,
     )
     return kernel(starts_H[:num_groups], ends_H[:num_groups], lhs_MxK, dout_MxN)

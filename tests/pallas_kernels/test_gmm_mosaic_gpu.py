@@ -217,10 +217,10 @@ def _check_tgmm(got, want, sizes):
 
 
 def _run_tgmm(x, dy, gs, cfg, num_sms, interpret=None):
-    f = functools.partial(
-        mosaic_gpu_tgmm.tgmm_kernel, num_groups=gs.shape[0], out_dtype=None, cfg=cfg
+    f = lambda x, dy, gs: mosaic_gpu_tgmm.tgmm_kernel(
+        x, dy, gs, gs.shape[0], None, cfg, num_sms, interpret
     )
-    return jax.jit(functools.partial(f, num_sms=num_sms, interpret=interpret))(x, dy, gs)
+    return jax.jit(f)(x, dy, gs)
 
 
 # Groups that start and end inside 64-row blocks, an empty group, a block shared by three
