@@ -37,7 +37,6 @@ CONFIGS = {
     "mosaic release 1 (races, see Config)": dataclasses.replace(BASE, delay_release=1),
     "mosaic width 4": dataclasses.replace(BASE, grid_tile_width=4),
     "mosaic width 2": dataclasses.replace(BASE, grid_tile_width=2),
-    "mosaic release 0 width 4": dataclasses.replace(BASE, delay_release=0, grid_tile_width=4),
 }
 # JAX's own Mosaic-GPU transposed ragged dot (the tgmm product): (block_m, block_n, block_k,
 # max_concurrent_steps, grid_block_n); its M/N are our K/N, its ragged K our rows.

@@ -16,3 +16,8 @@ def abstract_h100():
     mesh = jax.sharding.AbstractMesh((1,), ("device",), abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
         yield
+
+
+def lower_for_cuda(f, *args):
+    """``f`` jitted, traced on ``args`` (``jax.ShapeDtypeStruct``s) and lowered for CUDA."""
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))

@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.gmm import GPU_SHAPES
 from pallas_kernels.gmm import api, gmm, mosaic_gpu_tgmm, reference
 from pallas_kernels.gmm import mosaic_gpu as gmm_mosaic_gpu
 from pallas_kernels.gmm.mosaic_gpu_pipeline import INTERPRETER_TRANSPOSES
 from tests.pallas_kernels._gmm_helpers import _SETTINGS, GmmTestBase, _close, _inputs, problems
-from tests.pallas_kernels._lowering import abstract_h100
+from tests.pallas_kernels._lowering import abstract_h100, lower_for_cuda
 
 
 @settings(max_examples=40, **_SETTINGS)
@@ -175,8 +176,7 @@ def test_fwd_bwd_lowers_for_hopper_on_cpu(monkeypatch):
     )
     assert gmm_mosaic_gpu.default_config(m, g) is not None  # long groups: the Hopper kernel
     with abstract_h100():
-        traced = jax.jit(jax.grad(loss, (0, 1))).trace(*args)
-        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_for_cuda(jax.grad(loss, (0, 1)), *args).as_text()
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
     assert sum("@mosaic_gpu" in c for c in calls) == 2, "forward and d lhs on the Hopper kernel"
     assert sum("triton" in c for c in calls) == 1, "d rhs on the Triton tgmm"
@@ -190,7 +190,7 @@ def test_transposed_weights_lower_for_hopper_on_cpu(split):
     gs = jax.ShapeDtypeStruct((3,), jnp.int32)
     cfg = gmm_mosaic_gpu.Config(wg_split=split)
     f = lambda x, w, gs: gmm_mosaic_gpu.gmm_kernel(x, w, gs, True, None, cfg, 132)
-    text = jax.jit(f).trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(f, x, w, gs).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
@@ -290,31 +290,21 @@ def test_hopper_tgmm_lowers_on_cpu():
     gs = jax.ShapeDtypeStruct((5,), jnp.int32)
     for cfg in TGMM_CONFIGS.values():
         f = lambda x, dy, gs, cfg=cfg: mosaic_gpu_tgmm.tgmm_kernel(x, dy, gs, 4, None, cfg, 132)
-        lowered = jax.jit(f).trace(x, dy, gs).lower(lowering_platforms=("cuda",))
+        lowered = lower_for_cuda(f, x, dy, gs)
         assert lowered.as_text().count("stablehlo.custom_call @mosaic_gpu") == 1
         assert lowered.out_info.shape == (4, 256, 512)
 
 
-# The issue's GPU benchmark shapes (M, K, N, G): what a device session runs first.
-_GPU_SHAPES = {
-    "Mixtral-8x7B": (8192, 4096, 14336, 8),
-    "DeepSeek-V3": (65536, 7168, 2048, 256),
-    "OLMoE": (65536, 2048, 1024, 64),
-    "Llama-4-16e": (8192, 5120, 8192, 16),
-}
-
-
-@pytest.mark.parametrize("shape", _GPU_SHAPES.values(), ids=_GPU_SHAPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES.values(), ids=GPU_SHAPES)
 def test_hopper_kernels_lower_at_benchmark_shapes(shape):
-    """Both Hopper kernels lower at full size (row offsets, grid sizes, the forward's
-    per-shape config), so no device time goes to a trace-time error."""
+    """Both Hopper kernels lower at the GPU benchmark's full shapes (row offsets, grid sizes,
+    the forward's per-shape config), so no device time goes to a trace-time error."""
     m, k, n, g = shape
     x, gs = jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g,), jnp.int32)
     dy = jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
     cfg = mosaic_gpu_tgmm.TgmmConfig()
     f = lambda x, dy, gs: mosaic_gpu_tgmm.tgmm_kernel(x, dy, gs, g, None, cfg, 132)
-    lowered = jax.jit(f).trace(x, dy, gs).lower(lowering_platforms=("cuda",))
-    assert lowered.out_info.shape == (g, k, n)
+    assert lower_for_cuda(f, x, dy, gs).out_info.shape == (g, k, n)
     fwd_cfg = gmm_mosaic_gpu.default_config(m, g)
     assert (fwd_cfg is None) == (m // g <= 256), "short groups run the Triton kernel"
     # Where the default is Triton, the config the A/B still times there (snake strips of 2).
@@ -324,8 +314,7 @@ def test_hopper_kernels_lower_at_benchmark_shapes(shape):
         f = lambda x, w, gs, t=transpose_rhs: gmm_mosaic_gpu.gmm_kernel(
             x, w, gs, t, None, fwd_cfg, 132
         )
-        lowered = jax.jit(f).trace(x, w, gs).lower(lowering_platforms=("cuda",))
-        assert lowered.out_info.shape == (m, n)
+        assert lower_for_cuda(f, x, w, gs).out_info.shape == (m, n)
 
 
 def test_hopper_tgmm_config_and_applies():
