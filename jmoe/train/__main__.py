@@ -8,6 +8,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _KEEP_FREED = flags.DEFINE_bool(
     "keep_freed_memory", True, "glibc keeps freed buffers (jmoe.runtime): no page faults per step."
 )
+_JAX_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed",
+    False,
+    "Without JMOE_COORDINATOR_ADDRESS etc. (set by jmoe.launch), call "
+    "jax.distributed.initialize() to auto-detect a TPU pod, SLURM or Open MPI job.",
+)
 
 
 def main(argv):
@@ -18,6 +24,9 @@ def main(argv):
         from jmoe import runtime
 
         runtime.keep_freed_memory()  # before JAX starts its backend
+    from jmoe import distributed
+
+    distributed.initialize_from_env(auto=_JAX_DISTRIBUTED.value)  # before any other JAX call
     from jmoe import models
     from jmoe.train import loop
 
@@ -25,7 +34,8 @@ def main(argv):
     models.build(cfg)  # validates the model and MoE fields before any data is read.
     final = loop.train_and_evaluate(cfg, _WORKDIR.value)
     keys = ("heldout_loss", "heldout_accuracy", "unigram_entropy", "tokens_per_s")
-    print(" ".join(f"{k}={float(final[k]):.4f}" for k in keys if k in final))
+    if distributed.is_primary():
+        print(" ".join(f"{k}={float(final[k]):.4f}" for k in keys if k in final))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Text: files are split into train / held-out by a hash of their path (determinist
 as bytes (vocab 256) and concatenated. Training example i is a window at a start drawn
 from `np.random.default_rng([seed, i])`, so example i is the same in every run and the
 pipeline position is one integer (grain's iterator state, saved in checkpoints).
+
+With several JAX processes each process reads only its rows [lo, hi) of every global batch
+(`rows`): its local example j is global example (j // n) * batch_size + lo + j % n, n = hi - lo.
+The global batch at step s and the saved position are then the same for any process count.
 """
 
 import glob as glob_lib
@@ -73,10 +77,38 @@ class _Window:
         return {"inputs": w[:-1], "targets": w[1:]}
 
 
-def text_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
-    """An endless grain dataset of batches {'inputs', 'targets'}: int32 [B, seq_len]."""
+class _GlobalIndex:
+    """Local example j of the process holding rows [lo, lo + n) -> its global example index."""
+
+    def __init__(self, batch_size: int, lo: int, n: int):
+        self.batch_size, self.lo, self.n = batch_size, lo, n
+
+    def __call__(self, j):
+        return (int(j) // self.n) * self.batch_size + self.lo + int(j) % self.n
+
+
+def _check_rows(rows, batch_size: int) -> tuple[int, int]:
+    lo, hi = (0, batch_size) if rows is None else rows
+    if not 0 <= lo < hi <= batch_size:
+        raise ValueError(f"rows={rows!r} must satisfy 0 <= lo < hi <= batch_size={batch_size}")
+    return lo, hi
+
+
+def process_batches(examples: grain.MapDataset, batch_size: int, rows=None):
+    """Batches of this process's `rows` (lo, hi) of every global batch of `examples`."""
+    lo, hi = _check_rows(rows, batch_size)
+    if (lo, hi) == (0, batch_size):
+        return examples.batch(batch_size, drop_remainder=True)
+    n = hi - lo
+    idx = grain.MapDataset.range(0, 2**40 // batch_size * n).map(_GlobalIndex(batch_size, lo, n))
+    return idx.map(examples.__getitem__).batch(n, drop_remainder=True)
+
+
+def text_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rows=None):
+    """An endless grain dataset of batches {'inputs', 'targets'}: int32 [B, seq_len] (with
+    `rows` (lo, hi): this process's rows of each global batch of B)."""
     ds = grain.MapDataset.range(0, 2**40).map(_Window(tokens, seq_len, seed))
-    return ds.batch(batch_size, drop_remainder=True)
+    return process_batches(ds, batch_size, rows)
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n: int, seed: int = 1234):
@@ -103,15 +135,17 @@ def load_digits(heldout_percent: int, seed: int = 0):
     return (x[train], y[train]), (x[test], y[test])
 
 
-def array_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
-    """Endless shuffled grain batches {'inputs', 'targets'} of (x, y): one reshuffle per epoch."""
+def array_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, rows=None):
+    """Endless shuffled grain batches {'inputs', 'targets'} of (x, y): one reshuffle per epoch
+    (with `rows`: this process's rows of each global batch)."""
     ds = grain.MapDataset.range(0, len(x)).shuffle(seed=seed).repeat()
     ds = ds.map(lambda i: {"inputs": x[i], "targets": y[i]})
-    return ds.batch(batch_size, drop_remainder=True)
+    return process_batches(ds, batch_size, rows)
 
 
-def make_data(cfg, seed: int):
-    """(train grain MapDataset, list of held-out batches, info dict) for `cfg.data`."""
+def make_data(cfg, seed: int, rows=None):
+    """(train grain MapDataset, list of held-out batches, info dict) for `cfg.data`; with
+    `rows` (lo, hi) the train batches hold only those rows of each global batch."""
     d = cfg.data
     if d.kind == "text":
         train, held = load_text(d)
@@ -120,12 +154,16 @@ def make_data(cfg, seed: int):
             "heldout_bytes": int(len(held)),
             "unigram_entropy": unigram_entropy(train, held),
         }
-        ds = text_dataset(train, d.seq_len, d.batch_size, seed)
+        ds = text_dataset(train, d.seq_len, d.batch_size, seed, rows)
         return ds, eval_batches(held, d.seq_len, d.batch_size, d.eval_batches), info
     if d.kind == "digits":
         (xt, yt), (xe, ye) = load_digits(d.heldout_percent, seed)
         if cfg.model.arch == "vit":
             xt, xe = xt.reshape(-1, 8, 8), xe.reshape(-1, 8, 8)
         info = {"train_examples": int(len(xt)), "heldout_examples": int(len(xe))}
-        return array_dataset(xt, yt, d.batch_size, seed), [{"inputs": xe, "targets": ye}], info
+        return (
+            array_dataset(xt, yt, d.batch_size, seed, rows),
+            [{"inputs": xe, "targets": ye}],
+            info,
+        )
     raise ValueError(f"data.kind={d.kind!r} is not one of ('text', 'digits')")

@@ -6,14 +6,26 @@ and MoE fields again (naming the field).
 """
 
 import dataclasses
+import typing
 
 import ml_collections
 
 from jmoe.models.config import ModelConfig, MoEConfig
 
 
+def _default(default, typ):
+    """A None default of an optional str/int/float field becomes a typed placeholder, so the
+    command line can set it (e.g. `--config.moe.expert_axis=expert`)."""
+    if default is None:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if len(args) == 1 and args[0] in (str, int, float):
+            return ml_collections.config_dict.placeholder(args[0])
+    return default
+
+
 def _dataclass_dict(cls) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    return {f.name: _default(f.default, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -43,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
         eps=1e-8,
         grad_clip=1.0,
     )
+    # Device mesh over every device of every JAX process (jmoe.sharding.MeshConfig; one size
+    # may be -1). Expert parallelism: --config.mesh.expert=N --config.moe.expert_axis=expert.
+    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     c.train = dict(
         steps=1000,
         log_every=50,
