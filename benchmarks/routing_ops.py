@@ -35,7 +35,7 @@ def _row(name, t, e, k, repeats):
     lax_topk = jax.jit(lambda p: jax.lax.top_k(p, k))
     ours_topk = jax.jit(lambda p: topk.top_k(p, k))
     np.testing.assert_array_equal(lax_topk(probs)[1], ours_topk(probs)[1])
-    impl = topk.resolve_implementation(None, probs, k)
+    impl = topk.resolve_implementation(None, dtype=probs.dtype, k=k)
     top = interleaved_medians({"lax": (lax_topk, (probs,)), "ours": (ours_topk, (probs,))}, repeats)
     t_lax, t_ours = top["lax"] * 1e3, top["ours"] * 1e3
 

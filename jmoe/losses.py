@@ -64,5 +64,8 @@ def routing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
         "experts_per_token_mean": jnp.mean(ept),
         "experts_per_token_min": jnp.min(ept),
         "experts_per_token_max": jnp.max(ept),
+        "experts_per_token_hist": jnp.bincount(
+            ept.astype(jnp.int32), length=routing.expert_ids.shape[-1] + 1
+        ),
         "router_entropy": entropy(routing.probs),
     }

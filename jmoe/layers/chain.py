@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmoe.layers.moe import MoE
+from jmoe.layers.moe import MoE, router_state_error
 
 # Per-iteration parameters of the wrapped MoE layer; every other parameter is shared.
 ROUTER_PARAMS = ("router", "gating_residual")
@@ -22,7 +22,8 @@ class ChainOfExperts(nn.Module):
 
     Returns the chain's update `y = x^C - x^0` (so a block adds it as a residual like any
     FFN), and aux with the MoE layer's keys: losses summed over iterations, statistics
-    averaged (`expert_counts` summed), `router_logits` of the last iteration, plus
+    averaged (`expert_counts` summed), `router_logits` and `experts_per_token_hist` of the
+    last iteration, plus
     `iterations`: a list of each iteration's own aux.
     Variables: `params/experts/...` (shared), `params/iter_{t}/router` and
     `router_state/iter_{t}/bias` (sigmoid router).
@@ -52,32 +53,41 @@ class ChainOfExperts(nn.Module):
             return init
 
         shared = self.param("experts", sub_init(lambda k: k not in ROUTER_PARAMS))
-        has_bias = "router_state" in shapes
+        bias_shape = shapes.get("router_state", {}).get("bias")
         h = x
         auxes = []
         for t in range(self.iterations):
             own = self.param(f"iter_{t}", sub_init(lambda k: k in ROUTER_PARAMS))
             variables = {"params": {**shared, **own}}
-            if has_bias:
-                e = shapes["router_state"]["bias"].shape
-                variables["router_state"] = {
-                    "bias": self.variable(
-                        "router_state", f"iter_{t}", lambda e=e: {"bias": jnp.zeros(e, jnp.float32)}
-                    ).value["bias"]
-                }
+            state = None if bias_shape is None else self._iteration_state(t, bias_shape.shape)
+            if state is not None:
+                variables["router_state"] = state.value
             rngs = {"router": self.make_rng("router")} if self.has_rng("router") else {}
-            y, aux = moe.apply(
+            (y, aux), new = moe.apply(
                 variables,
                 h,
                 deterministic=deterministic,
                 token_ids=token_ids,
                 prev_logits=prev_logits,
                 rngs=rngs,
+                mutable=["router_state"],
             )
+            keep = self.is_mutable_collection("router_state") and not self.is_initializing()
+            if state is not None and keep:
+                state.value = new["router_state"]
             prev_logits = aux["router_logits"]
             h = h + y.astype(h.dtype)
             auxes.append(aux)
         return (h - x).astype(self.moe.dtype), merge_aux(auxes)
+
+    def _iteration_state(self, t: int, shape):
+        """Iteration t's own `router_state` (the selection bias of its router)."""
+        missing = not self.has_variable("router_state", f"iter_{t}")
+        if missing and not self.is_mutable_collection("router_state"):
+            raise router_state_error(self.moe.router)
+        return self.variable(
+            "router_state", f"iter_{t}", lambda: {"bias": jnp.zeros(shape, jnp.float32)}
+        )
 
 
 def merge_aux(auxes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,7 +95,7 @@ def merge_aux(auxes: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for k in auxes[0]:
         vals = [a[k] for a in auxes]
-        if k == "router_logits":
+        if k == "router_logits" or k.endswith("_hist"):
             out[k] = vals[-1]
         elif k.endswith("_loss") or k == "expert_counts":
             out[k] = sum(vals)

@@ -7,6 +7,7 @@ Axis legend:
   K: slots per token (top_k * fine_grained; E for expert choice)   C: capacity per expert
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -17,10 +18,26 @@ from jmoe import dispatch as dispatch_lib
 from jmoe import experts as experts_lib
 from jmoe import losses
 from jmoe.routing import RouterConfig, Routing, route
-from jmoe.routing.config import RouterKind, SoftmaxOrder, StochasticEval
+from jmoe.routing.config import check_choice
 from jmoe.sharding import balance as balance_lib
 from jmoe.sharding import expert_parallel as ep_lib
 from jmoe.sharding.mesh import axis_size, batch_axes
+
+# `RouterConfig` fields the layer holds under a meaning of its own: `router` is the kind, and
+# `num_experts` / `top_k` count coarse experts (times `fine_grained` in the RouterConfig).
+# Every other router field of the layer is generated from `RouterConfig` (type and default).
+_OWN_ROUTER_FIELDS = ("kind", "num_experts", "top_k")
+_SPECS = [f for f in dataclasses.fields(RouterConfig) if f.name not in _OWN_ROUTER_FIELDS]
+ROUTER_FIELDS: tuple[str, ...] = tuple(f.name for f in _SPECS)
+_RouterFields = type(
+    "_RouterFields",
+    (nn.Module,),
+    {
+        "__module__": __name__,
+        "__annotations__": {f.name: f.type for f in _SPECS},
+        **{f.name: f.default for f in _SPECS},
+    },
+)
 
 _fan_in = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1
@@ -37,43 +54,40 @@ _pair_expert_init = nn.initializers.variance_scaling(
 )
 
 
-class MoE(nn.Module):
+def router_state_error(router: str) -> ValueError:
+    """The error for a layer with router state applied without its `router_state`."""
+    return ValueError(
+        f"router={router!r} keeps its selection bias in the 'router_state' collection: apply "
+        "with variables={'params': ..., 'router_state': ...} from init (and "
+        "mutable=['router_state'] in training to update it)"
+    )
+
+
+class MoE(_RouterFields):
     """Mixture-of-Experts FFN. `y, aux = MoE(...).apply(variables, x)` for x of shape [..., D].
 
-    Routers are named by `router` (see `jmoe.routing.ROUTER_KINDS`); `dispatch` is `dropless`
-    (grouped GEMM, nothing dropped) or `capacity` (buffers of C rows, overflow dropped and
-    reported in `aux["dropped_fraction"]`). `fine_grained=m` splits each expert into m experts
-    of width d_ff/m and activates m*top_k of them; `num_shared_experts` experts of that width
-    run on every token (DeepSeekMoE, Dai et al., 2024, eq. 10-11). MoE++ copy and constant
-    experts (Jin et al., 2024, eq. 4-5) and the gating residual (eq. 7) are handled here.
-    The sigmoid router's selection bias lives in the `router_state` collection; update it
-    with `jmoe.routing.aux_free_bias_update` outside the gradient.
+    Routers are named by `router` (a key of `jmoe.routing.ROUTERS`); every other router field
+    (`top_p`, `capacity_factor`, `noise_std`, ...) is a `RouterConfig` field of the same name.
+    `dispatch` is `dropless` (grouped GEMM, nothing dropped) or `capacity` (buffers of C rows,
+    overflow dropped and reported in `aux["dropped_fraction"]`). `fine_grained=m` splits each
+    expert into m experts of width d_ff/m and activates m*top_k of them; `num_shared_experts`
+    experts of that width run on every token (DeepSeekMoE, Dai et al., 2024, eq. 10-11).
+    MoE++ copy and constant experts (Jin et al., 2024, eq. 4-5) and the gating residual
+    (eq. 7) are handled here.
+
+    Router state: a router with a selection bias (`sigmoid`) keeps it in the `router_state`
+    collection, as BatchNorm keeps its statistics. In training (`deterministic=False`) with
+    `apply(..., mutable=["router_state"])` the layer moves it by the aux-loss-free rule
+    (DeepSeek-V3, sec. 2.1.2) from this batch's expert loads (global over the data axes in
+    the jit view), outside the gradient; applied without `mutable`, it reads it unchanged.
     """
 
     num_experts: int = 8
     top_k: int = 2
     d_ff: int = 512
-    router: RouterKind = "topk"
+    router: str = "topk"
     dispatch: dispatch_lib.DispatchKind = "dropless"
-    capacity_factor: float = 1.25
-    min_capacity: int = 0
-    batch_priority: bool = False
-    top_p: float = 0.5
-    num_null_experts: int = 0
-    num_zero_experts: int = 0
-    num_copy_experts: int = 0
-    num_const_experts: int = 0
     gating_residual: bool = False
-    normalize_weights: bool = True
-    softmax_order: SoftmaxOrder = "before"
-    noise_std: float = 0.0
-    jitter_eps: float = 0.0
-    route_scale: float = 1.0
-    n_groups: int = 1
-    topk_groups: int = 1
-    stochastic_eval: StochasticEval = "random"
-    hash_vocab_size: int = 256
-    hash_seed: int = 0
     fine_grained: int = 1
     num_shared_experts: int = 0
     activation: experts_lib.Activation = "swiglu"
@@ -92,29 +106,15 @@ class MoE(nn.Module):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.dispatch not in dispatch_lib.DISPATCH_KINDS:
-            raise ValueError(
-                f"dispatch={self.dispatch!r} is not one of {dispatch_lib.DISPATCH_KINDS}"
-            )
-        if self.activation not in experts_lib.ACTIVATIONS:
-            raise ValueError(
-                f"activation={self.activation!r} is not one of {experts_lib.ACTIVATIONS}"
-            )
+        check_choice("dispatch", self.dispatch, dispatch_lib.DISPATCH_KINDS)
+        check_choice("activation", self.activation, experts_lib.ACTIVATIONS)
+        check_choice("balance_loss_scope", self.balance_loss_scope, balance_lib.BALANCE_LOSS_SCOPES)
         if self.fine_grained < 1 or self.d_ff % self.fine_grained:
             raise ValueError(
                 f"d_ff={self.d_ff} must be divisible by fine_grained={self.fine_grained} (>= 1)"
             )
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts={self.num_shared_experts} must be >= 0")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
-        if self.jitter_eps < 0 or self.min_capacity < 0:
-            raise ValueError("jitter_eps and min_capacity must be >= 0")
-        if self.balance_loss_scope not in balance_lib.BALANCE_LOSS_SCOPES:
-            raise ValueError(
-                f"balance_loss_scope={self.balance_loss_scope!r} is not one of "
-                f"{balance_lib.BALANCE_LOSS_SCOPES}"
-            )
         self.router_config  # noqa: B018  (validates the router fields now)
 
     @property
@@ -124,21 +124,7 @@ class MoE(nn.Module):
             kind=self.router,
             num_experts=self.num_experts * m,
             top_k=self.top_k * m,
-            top_p=self.top_p,
-            capacity_factor=self.capacity_factor,
-            num_null_experts=self.num_null_experts,
-            num_zero_experts=self.num_zero_experts,
-            num_copy_experts=self.num_copy_experts,
-            num_const_experts=self.num_const_experts,
-            normalize_weights=self.normalize_weights,
-            softmax_order=self.softmax_order,
-            noise_std=self.noise_std,
-            route_scale=self.route_scale,
-            n_groups=self.n_groups,
-            topk_groups=self.topk_groups,
-            stochastic_eval=self.stochastic_eval,
-            hash_vocab_size=self.hash_vocab_size,
-            hash_seed=self.hash_seed,
+            **{name: getattr(self, name) for name in ROUTER_FIELDS},
         )
 
     def _expert_params(self, d_model: int, num: int, width: int, names=("expert",), prefix=""):
@@ -169,15 +155,9 @@ class MoE(nn.Module):
 
     def _logits(self, x_TxD, prev_logits, cfg: RouterConfig, deterministic: bool):
         x = x_TxD.astype(jnp.float32)
-        if self.jitter_eps > 0 and not deterministic:
-            noise = jax.random.uniform(
-                self.make_rng("router"),
-                x.shape,
-                jnp.float32,
-                1.0 - self.jitter_eps,
-                1.0 + self.jitter_eps,
-            )
-            x = x * noise
+        if cfg.jitter_eps > 0 and not deterministic:
+            lo, hi = 1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps
+            x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32, lo, hi)
         w = self.param(
             "router",
             nn.with_logical_partitioning(_fan_in, ("embed", None)),
@@ -196,18 +176,22 @@ class MoE(nn.Module):
                 logits = logits + prev_logits.reshape(logits.shape).astype(jnp.float32) @ w_g
         return logits
 
-    def _route(self, logits, cfg: RouterConfig, token_ids, deterministic: bool) -> Routing:
-        needs_rng = (not deterministic and (cfg.noise_std > 0 or cfg.kind == "stochastic")) or (
-            cfg.kind == "stochastic" and cfg.stochastic_eval == "random"
-        )
-        rng = self.make_rng("router") if needs_rng else None
-        bias = None
-        if cfg.kind == "sigmoid":
-            bias = self.variable(
-                "router_state", "bias", jnp.zeros, (cfg.num_experts,), jnp.float32
-            ).value
+    def _bias(self, cfg: RouterConfig):
+        """The `router_state/bias` variable of a router with a selection bias, else None."""
+        if not cfg.record.selection_bias:
+            return None
+        if not self.has_variable("router_state", "bias") and not self.is_mutable_collection(
+            "router_state"
+        ):
+            raise router_state_error(self.router)
+        return self.variable("router_state", "bias", jnp.zeros, (cfg.num_experts,), jnp.float32)
+
+    def _route(self, logits, cfg: RouterConfig, token_ids, bias, deterministic: bool):
+        rng = self.make_rng("router") if cfg.record.needs_rng(cfg, deterministic) else None
+        bias = None if bias is None else bias.value
         if token_ids is not None:
             token_ids = token_ids.reshape(-1)
+        call = dict(rng=rng, bias=bias, token_ids=token_ids, deterministic=deterministic)
         if self.expert_axis is not None:  # token-local routers run per token shard
             return ep_lib.route_sharded(
                 logits,
@@ -215,14 +199,18 @@ class MoE(nn.Module):
                 mesh=self.mesh,
                 expert_axis=self.expert_axis,
                 data_axes=self.data_axes,
-                rng=rng,
-                bias=bias,
-                token_ids=token_ids,
-                deterministic=deterministic,
+                **call,
             )
-        return route(
-            logits, cfg, rng=rng, bias=bias, token_ids=token_ids, deterministic=deterministic
-        )
+        return route(logits, cfg, **call)
+
+    def _update_bias(self, bias, routing: Routing, cfg: RouterConfig, deterministic: bool):
+        """Aux-loss-free balancing in training, when `router_state` is mutable (not at init)."""
+        if bias is None or deterministic or self.is_initializing():
+            return
+        if not self.is_mutable_collection("router_state"):
+            return
+        counts = jax.lax.stop_gradient(routing.counts(cfg.num_selectable))
+        bias.value = balance_lib.global_bias_update(bias.value, counts, cfg.bias_update_gamma)
 
     def _zero_computation(self, x_TxD, routing: Routing, cfg: RouterConfig):
         """MoE++ copy (E(x) = x) and constant (a1 x + a2 v) experts; zero experts add nothing."""
@@ -261,15 +249,12 @@ class MoE(nn.Module):
                 params,
                 x,
                 routing,
-                e,
+                cfg,
                 mesh=self.mesh,
                 expert_axis=self.expert_axis,
                 data_axes=self.data_axes,
                 tensor_axis=self.tensor_axis,
                 dispatch=self.dispatch,
-                capacity_factor=self.capacity_factor,
-                min_capacity=self.min_capacity,
-                batch_priority=self.batch_priority,
                 activation=self.activation,
                 buffer_factor=self.ep_buffer_factor,
                 implementation=self.gmm_implementation,
@@ -289,9 +274,9 @@ class MoE(nn.Module):
             )
             return y.astype(x.dtype), jnp.float32(0.0), {}
         t, k = routing.expert_ids.shape
-        cap = dispatch_lib.capacity(t, k, e, self.capacity_factor, self.min_capacity)
+        cap = dispatch_lib.capacity(t, k, e, cfg.capacity_factor, cfg.min_capacity)
         buf, plan = dispatch_lib.capacity_dispatch(
-            x, routing, e, cap, batch_priority=self.batch_priority
+            x, routing, e, cap, batch_priority=cfg.batch_priority
         )
         y = dispatch_lib.capacity_combine(
             experts_lib.batched_ffn(params, buf, self.activation), plan, routing, e
@@ -311,17 +296,20 @@ class MoE(nn.Module):
         Returns:
           `(y, aux)`: y of x's shape and dtype `self.dtype`; aux holds `load_balance_loss`,
           `z_loss`, `entropy_loss`, `expert_load` / `expert_counts` [S], `dropped_fraction`,
-          `experts_per_token_{mean,min,max}`, `router_entropy` and `router_logits` [..., S].
+          `experts_per_token_{mean,min,max}`, `experts_per_token_hist` [K + 1] (tokens that
+          use 0..K FFN experts), `router_entropy` and `router_logits` [..., S].
         """
         if x.ndim < 2:
             raise ValueError(f"x must have rank >= 2 ([..., D]), got shape {x.shape}")
         cfg = self.router_config
         x_TxD = x.reshape(-1, x.shape[-1])
         logits = self._logits(x_TxD, prev_logits, cfg, deterministic)
-        routing = self._route(logits, cfg, token_ids, deterministic)
+        bias = self._bias(cfg)
+        routing = self._route(logits, cfg, token_ids, bias, deterministic)
+        self._update_bias(bias, routing, cfg, deterministic)
         y, dropped_fraction, ep_aux = self._experts(x_TxD, routing, cfg)
         y = y.astype(jnp.float32)
-        if cfg.kind == "moepp":
+        if cfg.num_copy_experts or cfg.num_const_experts:
             y = y + self._zero_computation(x_TxD, routing, cfg)
         if self.num_shared_experts:
             shared = self._expert_params(
@@ -331,7 +319,6 @@ class MoE(nn.Module):
                 names=(),
                 prefix="shared_",
             )
-            shared = {k: v for k, v in shared.items()}
             y = y + experts_lib.dense_ffn(shared, x_TxD.astype(self.dtype), self.activation)
         aux = {
             "load_balance_loss": balance_lib.balance_loss(

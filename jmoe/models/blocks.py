@@ -167,37 +167,27 @@ class Block(nn.Module):
         return x + y.astype(x.dtype), aux
 
 
-def bias_counts(aux, num_experts: int, chain: bool):
-    """Per-expert token counts shaped like the layer's `router_state` subtree."""
-    if chain:
-        return {
-            f"iter_{t}": {"bias": a["expert_counts"][:num_experts]}
-            for t, a in enumerate(aux["iterations"])
-        }
-    return {"bias": aux["expert_counts"][:num_experts]}
-
-
-STAT_KEYS = (
-    "load_balance_loss",
-    "z_loss",
-    "entropy_loss",
-    "expert_load",
-    "expert_counts",
-    "dropped_fraction",
-    "experts_per_token_mean",
-    "experts_per_token_min",
-    "experts_per_token_max",
-    "router_entropy",
-)
 LOSS_KEYS = ("load_balance_loss", "z_loss", "entropy_loss")
+
+
+def model_aux(layer_aux: dict[str, dict]) -> dict:
+    """A model's aux from its MoE layers' aux by layer name: `layers` (each layer's statistics
+    and losses, all but its logits and its Chain-of-Experts iterations) and each loss summed
+    over the layers."""
+    skip = ("router_logits", "iterations")
+    aux = {
+        "layers": {n: {k: v for k, v in a.items() if k not in skip} for n, a in layer_aux.items()}
+    }
+    for k in LOSS_KEYS:
+        aux[k] = sum((a[k] for a in layer_aux.values()), jnp.float32(0.0))
+    return aux
 
 
 class MoEStack(nn.Module):
     """The blocks of a model, threading MoE++ gating-residual logits between MoE layers.
 
-    Returns `(x, aux)` with `aux["layers"][f"layer_{l}"]` the stats of MoE layer l,
-    `aux["router_state_counts"]` shaped like the `router_state` collection (for the
-    aux-loss-free bias update) and the summed losses.
+    Returns `(x, aux)` with `aux["layers"][f"layer_{l}"]` the stats of MoE layer l and the
+    summed losses (`model_aux`).
     """
 
     model: ModelConfig
@@ -209,7 +199,7 @@ class MoEStack(nn.Module):
         c, m = self.model, self.moe
         specs = layer_specs(c, m)
         prev_logits = None
-        aux = {"layers": {}, "router_state_counts": {}, "router_logits": {}}
+        layer_aux = {}
         for i in range(c.num_layers):
             x, a = Block(c, m, specs.get(i), self.causal, name=f"layer_{i}")(
                 x,
@@ -219,19 +209,10 @@ class MoEStack(nn.Module):
                 deterministic=deterministic,
                 decode=decode,
             )
-            if a is None:
-                continue
-            prev_logits = a["router_logits"]
-            aux["layers"][f"layer_{i}"] = {k: a[k] for k in STAT_KEYS}
-            aux["router_logits"][f"layer_{i}"] = a["router_logits"]
-            if m.router == "sigmoid":
-                aux["router_state_counts"][f"layer_{i}"] = {
-                    "ffn": bias_counts(a, specs[i][0] * m.fine_grained, m.chain_iterations > 1)
-                }
-        aux["router_state_counts"] = {self.name: aux["router_state_counts"]}
-        for k in LOSS_KEYS:
-            aux[k] = sum((v[k] for v in aux["layers"].values()), jnp.float32(0.0))
-        return x, aux
+            if a is not None:
+                prev_logits = a["router_logits"]
+                layer_aux[f"layer_{i}"] = a
+        return x, model_aux(layer_aux)
 
 
 def layer_specs(model: ModelConfig, moe: MoEConfig) -> dict[int, tuple[int, int]]:

@@ -5,13 +5,11 @@ import jax.numpy as jnp
 
 from jmoe.models.blocks import (
     DTYPES,
-    LOSS_KEYS,
-    STAT_KEYS,
     MoEStack,
     RMSNorm,
-    bias_counts,
     layer_specs,
     make_ffn,
+    model_aux,
     param_with_axes,
 )
 from jmoe.models.config import ModelConfig, MoEConfig
@@ -30,7 +28,7 @@ class MLPStack(nn.Module):
         c, m = self.model, self.moe
         dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
         specs = layer_specs(c, m)
-        aux = {"layers": {}, "router_state_counts": {}, "router_logits": {}}
+        layer_aux = {}
         prev = None
         for i in range(c.num_layers):
             h = RMSNorm(c.norm_eps, dt, pdt, name=f"norm_{i}")(x)
@@ -43,16 +41,8 @@ class MLPStack(nn.Module):
             )
             x = x + y.astype(x.dtype)
             prev = a["router_logits"]
-            aux["layers"][f"layer_{i}"] = {k: a[k] for k in STAT_KEYS}
-            aux["router_logits"][f"layer_{i}"] = a["router_logits"]
-            if m.router == "sigmoid":
-                aux["router_state_counts"][f"ffn_{i}"] = bias_counts(
-                    a, specs[i][0] * m.fine_grained, m.chain_iterations > 1
-                )
-        aux["router_state_counts"] = {self.name: aux["router_state_counts"]}
-        for k in LOSS_KEYS:
-            aux[k] = sum((v[k] for v in aux["layers"].values()), jnp.float32(0.0))
-        return x, aux
+            layer_aux[f"layer_{i}"] = a
+        return x, model_aux(layer_aux)
 
 
 class Classifier(nn.Module):

@@ -67,7 +67,8 @@ class _MoEOptions(_FromDict):
     `schedule` (DynaMoE, see `jmoe.models.schedules`) spreads `schedule_budget` experts
     (0: num_experts per MoE layer) over the MoE layers; `chain_iterations` > 1 turns every
     MoE layer into a Chain-of-Experts layer; the `*_weight` fields weight the aux losses and
-    `bias_update_gamma` is the aux-loss-free bias step of the sigmoid router.
+    the router's fields (e.g. `bias_update_gamma`) come from `jmoe.routing.RouterConfig`
+    through the layer.
     """
 
     schedule: str = "uniform"
@@ -79,7 +80,6 @@ class _MoEOptions(_FromDict):
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     entropy_loss_weight: float = 0.0
-    bias_update_gamma: float = 0.001
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

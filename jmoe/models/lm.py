@@ -69,7 +69,3 @@ class TransformerLM(nn.Module):
             )
         )
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
-
-
-def make(model: ModelConfig, moe: MoEConfig) -> TransformerLM:
-    return TransformerLM(model, moe)

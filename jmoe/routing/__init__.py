@@ -1,11 +1,10 @@
-"""Routing zoo: one `Routing` result, one `route` entry point, a registry of routers."""
-
-from collections.abc import Callable
+"""Routing zoo: one `Routing` result, one `route` entry point, a registry of router records."""
 
 import jax
 
-from jmoe.routing.config import ROUTER_KINDS, RouterConfig, RouterKind
-from jmoe.routing.extra import hash_route, hash_table, moepp, null, stochastic
+from jmoe.routing.config import RouterConfig
+from jmoe.routing.extra import hash_route, hash_table, null, stochastic
+from jmoe.routing.registry import ROUTERS, RouterRecord, register, unregister
 from jmoe.routing.routers import (
     add_logit_noise,
     aux_free_bias_update,
@@ -16,17 +15,8 @@ from jmoe.routing.routers import (
 )
 from jmoe.routing.types import Routing
 
-ROUTERS: dict[str, Callable[..., Routing]] = {
-    "topk": topk,
-    "sigmoid": sigmoid,
-    "expert_choice": expert_choice,
-    "top_p": top_p,
-    "null": null,
-    "moepp": moepp,
-    "stochastic": stochastic,
-    "hash": hash_route,
-}
-assert set(ROUTERS) == set(ROUTER_KINDS)
+# The built-in kinds (`ROUTERS` also holds any registered later).
+ROUTER_KINDS: tuple[str, ...] = tuple(ROUTERS)
 
 
 def route(
@@ -44,9 +34,10 @@ def route(
       logits_TxS: router logits, one column per selectable expert (FFN experts first).
       cfg: the router configuration.
       rng: PRNG key for training noise / stochastic routing (ignored when `deterministic`,
-        except by `stochastic` with `stochastic_eval="random"`).
-      bias: per-expert selection bias of the `sigmoid` router.
-      token_ids: int32[T] token ids for the `hash` router.
+        except by routers that draw at evaluation, e.g. `stochastic` with
+        `stochastic_eval="random"`).
+      bias: per-expert selection bias of a router with `selection_bias` (e.g. `sigmoid`).
+      token_ids: int32[T] token ids for a router with `token_ids` (e.g. `hash`).
       deterministic: evaluation mode (no noise).
 
     Raises:
@@ -57,32 +48,28 @@ def route(
             f"logits_TxS must have shape [T, {cfg.num_selectable}] for {cfg.kind!r} "
             f"router, got {logits_TxS.shape}"
         )
-    noise_rng = None if deterministic else rng
-    if cfg.kind == "sigmoid":
-        return sigmoid(logits_TxS, cfg, bias=bias, rng=noise_rng)
-    if cfg.kind == "stochastic":
-        return stochastic(logits_TxS, cfg, rng=rng, deterministic=deterministic)
-    if cfg.kind == "hash":
-        return hash_route(logits_TxS, cfg, token_ids=token_ids)
-    return ROUTERS[cfg.kind](logits_TxS, cfg, rng=noise_rng)
+    rec = cfg.record
+    kw = rec.inputs(rng=rng, bias=bias, token_ids=token_ids, deterministic=deterministic)
+    return rec.fn(logits_TxS, cfg, **kw)
 
 
 __all__ = [
     "ROUTERS",
     "ROUTER_KINDS",
     "RouterConfig",
-    "RouterKind",
+    "RouterRecord",
     "Routing",
     "add_logit_noise",
     "aux_free_bias_update",
     "expert_choice",
     "hash_route",
     "hash_table",
-    "moepp",
     "null",
+    "register",
     "route",
     "sigmoid",
     "stochastic",
     "top_p",
     "topk",
+    "unregister",
 ]

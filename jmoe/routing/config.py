@@ -1,50 +1,61 @@
-"""Router configuration: one frozen dataclass validated at construction time."""
+"""Router configuration: one frozen dataclass, the single home of every router field.
+
+The `MoE` layer's router fields and `MoEConfig` are generated from `RouterConfig`, and its
+kind-specific facts come from the kind's `RouterRecord` (`jmoe.routing.registry`).
+"""
 
 import dataclasses
 import math
 from typing import Literal, get_args
 
-RouterKind = Literal[
-    "topk", "sigmoid", "expert_choice", "top_p", "null", "moepp", "stochastic", "hash"
-]
-ROUTER_KINDS: tuple[str, ...] = get_args(RouterKind)
+from jmoe.routing import registry
+
 SoftmaxOrder = Literal["before", "after"]
 StochasticEval = Literal["random", "topk"]
 
 
-def _check_choice(name: str, value, allowed) -> None:
+def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {tuple(allowed)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-    """How tokens pick experts.
+    """How tokens pick experts, and how many each expert may take.
 
     Attributes:
-      kind: router name, one of `ROUTER_KINDS`.
+      kind: router name, a key of `jmoe.routing.ROUTERS`.
       num_experts: E, the number of FFN experts.
       top_k: K, experts per token (the maximum for dynamic routers; for `expert_choice` the
         average used in its capacity).
       top_p: cumulative-probability threshold of the `top_p` router, in (0, 1].
-      capacity_factor: used by `expert_choice` (C = ceil(cf * T * K / E)).
+      capacity_factor: C = ceil(cf * T * K / E) for `expert_choice` and capacity dispatch.
+      min_capacity: lower bound of the capacity-dispatch C.
+      batch_priority: capacity dispatch fills buffers in order of each token's top weight
+        (batch-prioritised routing, Riquelme et al., 2021, sec. 4.1) instead of token order.
       num_null_experts: AdaMoE null experts M (router `null`).
       num_zero_experts, num_copy_experts, num_const_experts: MoE++ zero-computation experts.
       normalize_weights: renormalise the selected weights to sum to 1 (Mixtral) or not (Switch).
       softmax_order: `before` (softmax over all experts, then select) or `after` (select on
         logits, softmax over the K selected).
       noise_std: std of Gaussian logit noise added in training when an rng is given.
+      jitter_eps: multiplicative router-input jitter x * U(1 - eps, 1 + eps) in training
+        (Switch Transformer, Fedus et al., 2021, sec. 2.4).
       route_scale: DeepSeek-V3 routed scaling factor (router `sigmoid`).
       n_groups, topk_groups: DeepSeek-V3 group-limited routing (router `sigmoid`).
+      bias_update_gamma: step of the aux-loss-free selection-bias update (routers with a
+        selection bias; DeepSeek-V3, sec. 2.1.2).
       stochastic_eval: THOR rule at evaluation: `random` expert per token, or `topk` by logits.
       hash_vocab_size, hash_seed: the fixed token-id -> expert table of router `hash`.
     """
 
-    kind: RouterKind = "topk"
+    kind: str = "topk"
     num_experts: int = 8
     top_k: int = 2
     top_p: float = 0.5
-    capacity_factor: float = 1.0
+    capacity_factor: float = 1.25
+    min_capacity: int = 0
+    batch_priority: bool = False
     num_null_experts: int = 0
     num_zero_experts: int = 0
     num_copy_experts: int = 0
@@ -52,27 +63,29 @@ class RouterConfig:
     normalize_weights: bool = True
     softmax_order: SoftmaxOrder = "before"
     noise_std: float = 0.0
+    jitter_eps: float = 0.0
     route_scale: float = 1.0
     n_groups: int = 1
     topk_groups: int = 1
+    bias_update_gamma: float = 1e-3
     stochastic_eval: StochasticEval = "random"
     hash_vocab_size: int = 256
     hash_seed: int = 0
 
     def __post_init__(self):
-        _check_choice("kind", self.kind, ROUTER_KINDS)
-        _check_choice("softmax_order", self.softmax_order, get_args(SoftmaxOrder))
-        _check_choice("stochastic_eval", self.stochastic_eval, get_args(StochasticEval))
+        rec = registry.record(self.kind)
+        check_choice("softmax_order", self.softmax_order, get_args(SoftmaxOrder))
+        check_choice("stochastic_eval", self.stochastic_eval, get_args(StochasticEval))
         if self.num_experts < 1:
             raise ValueError(f"num_experts={self.num_experts} must be >= 1")
-        for name in (
-            "num_null_experts",
-            "num_zero_experts",
-            "num_copy_experts",
-            "num_const_experts",
-        ):
+        for name in (*registry.extra_fields(), "min_capacity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+            if getattr(self, name) and name not in (*rec.extra_fields, "min_capacity"):
+                owners = tuple(k for k, r in registry.ROUTERS.items() if name in r.extra_fields)
+                raise ValueError(
+                    f"{name}={getattr(self, name)} need kind in {owners}, got kind={self.kind!r}"
+                )
         if self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be >= 1")
         if self.top_k > self.num_selectable:
@@ -84,24 +97,13 @@ class RouterConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std={self.noise_std} must be >= 0")
-        self._check_groups()
-        if self.kind == "hash" and self.hash_vocab_size < 1:
+        for name in ("noise_std", "jitter_eps", "bias_update_gamma"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.hash_vocab_size < 1:
             raise ValueError(f"hash_vocab_size={self.hash_vocab_size} must be >= 1")
-        extras = (
-            self.num_null_experts
-            + self.num_zero_experts
-            + self.num_copy_experts
-            + self.num_const_experts
-        )
-        if extras and self.kind not in ("null", "moepp"):
-            raise ValueError(
-                f"null/zero-computation experts need kind in ('null', 'moepp'), "
-                f"got kind={self.kind!r}"
-            )
-        if self.kind == "null" and self.num_null_experts == 0:
-            raise ValueError("kind='null' needs num_null_experts >= 1")
+        self._check_groups()
+        rec.validate(self)
 
     def _check_groups(self):
         if self.n_groups < 1 or self.num_experts % self.n_groups:
@@ -119,13 +121,14 @@ class RouterConfig:
             )
 
     @property
+    def record(self) -> registry.RouterRecord:
+        """This kind's traits."""
+        return registry.record(self.kind)
+
+    @property
     def num_extra(self) -> int:
         """Router-selectable experts beyond the FFN experts (null or zero-computation)."""
-        if self.kind == "null":
-            return self.num_null_experts
-        if self.kind == "moepp":
-            return self.num_zero_experts + self.num_copy_experts + self.num_const_experts
-        return 0
+        return sum(getattr(self, f) for f in self.record.extra_fields)
 
     @property
     def num_selectable(self) -> int:
@@ -135,7 +138,7 @@ class RouterConfig:
     @property
     def max_slots(self) -> int:
         """K of the routing result: slots per token."""
-        return self.num_experts if self.kind == "expert_choice" else self.top_k
+        return self.record.slots(self)
 
     def expert_choice_capacity(self, num_tokens: int) -> int:
         """C = ceil(capacity_factor * T * K / E), at most T (an expert cannot take more tokens)."""

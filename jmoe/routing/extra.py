@@ -5,7 +5,8 @@ import jax.numpy as jnp
 
 from jmoe import ops
 from jmoe.routing.config import RouterConfig
-from jmoe.routing.routers import add_logit_noise
+from jmoe.routing.registry import RouterRecord, register
+from jmoe.routing.routers import add_logit_noise, topk
 from jmoe.routing.types import Routing
 
 
@@ -24,21 +25,6 @@ def null(logits_TxS, cfg: RouterConfig, *, rng=None) -> Routing:
     w = jnp.where(real, p, 0.0)
     if cfg.normalize_weights:
         w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-9)
-    return Routing(ids.astype(jnp.int32), w, jnp.ones(ids.shape, bool), probs, logits)
-
-
-def moepp(logits_TxS, cfg: RouterConfig, *, rng=None) -> Routing:
-    """MoE++ routing over FFN and zero-computation experts (Jin et al., 2024, sec. 3).
-
-    Columns: E FFN experts, then zero, copy and constant experts. Softmax over all columns,
-    top-k; weights are the selected probabilities (renormalised if `normalize_weights`).
-    The gating residual (eq. 7) is added to the logits by the layer before this call.
-    """
-    logits = add_logit_noise(logits_TxS.astype(jnp.float32), cfg.noise_std, rng)
-    probs = jax.nn.softmax(logits, axis=-1)
-    w, ids = ops.top_k(probs, cfg.top_k)
-    if cfg.normalize_weights:
-        w = w / jnp.sum(w, axis=-1, keepdims=True)
     return Routing(ids.astype(jnp.int32), w, jnp.ones(ids.shape, bool), probs, logits)
 
 
@@ -88,3 +74,22 @@ def hash_route(logits_TxS, cfg: RouterConfig, *, token_ids=None) -> Routing:
     return Routing(
         ids.astype(jnp.int32), w.astype(jnp.float32), mask, jax.nn.softmax(logits, axis=-1), logits
     )
+
+
+def _check_null(cfg: RouterConfig) -> None:
+    if cfg.num_null_experts == 0:
+        raise ValueError("kind='null' needs num_null_experts >= 1")
+
+
+register(RouterRecord("null", null, extra_fields=("num_null_experts",), validate=_check_null))
+# MoE++ (Jin et al., 2024, sec. 3): top-k over the FFN and zero-computation columns (zero,
+# copy, constant); the gating residual (eq. 7) is added to the logits by the layer.
+register(
+    RouterRecord(
+        "moepp", topk, extra_fields=("num_zero_experts", "num_copy_experts", "num_const_experts")
+    )
+)
+# THOR draws in training, and at evaluation with `stochastic_eval="random"`.
+_thor_draws = lambda cfg, deterministic: not deterministic or cfg.stochastic_eval == "random"
+register(RouterRecord("stochastic", stochastic, noise=False, draws=_thor_draws))
+register(RouterRecord("hash", hash_route, noise=False, token_ids=True))

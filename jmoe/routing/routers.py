@@ -8,11 +8,8 @@ import jax.numpy as jnp
 
 from jmoe import ops
 from jmoe.routing.config import RouterConfig
+from jmoe.routing.registry import RouterRecord, register
 from jmoe.routing.types import Routing
-
-
-def _full_mask(ids):
-    return jnp.ones(ids.shape, bool)
 
 
 def add_logit_noise(logits_TxS, noise_std: float, rng):
@@ -38,7 +35,7 @@ def topk(logits_TxS, cfg: RouterConfig, *, rng=None) -> Routing:
     else:
         top_logits, ids = ops.top_k(logits, cfg.top_k)
         w = jax.nn.softmax(top_logits, axis=-1)
-    return Routing(ids.astype(jnp.int32), w, _full_mask(ids), probs, logits)
+    return Routing(ids.astype(jnp.int32), w, jnp.ones(ids.shape, bool), probs, logits)
 
 
 def sigmoid(logits_TxS, cfg: RouterConfig, *, bias=None, rng=None) -> Routing:
@@ -64,7 +61,7 @@ def sigmoid(logits_TxS, cfg: RouterConfig, *, bias=None, rng=None) -> Routing:
     w = jnp.take_along_axis(s, ids, axis=-1)
     w = w / jnp.sum(w, axis=-1, keepdims=True) * cfg.route_scale
     probs = s / jnp.sum(s, axis=-1, keepdims=True)  # the normalised affinities of eq. 19.
-    return Routing(ids.astype(jnp.int32), w, _full_mask(ids), probs, logits)
+    return Routing(ids.astype(jnp.int32), w, jnp.ones(ids.shape, bool), probs, logits)
 
 
 def aux_free_bias_update(bias_E, load_E, gamma: float = 1e-3):
@@ -111,3 +108,13 @@ def top_p(logits_TxS, cfg: RouterConfig, *, rng=None) -> Routing:
     mask = before < cfg.top_p
     mask = mask.at[:, 0].set(True)
     return Routing(ids.astype(jnp.int32), jnp.where(mask, p_sorted, 0.0), mask, probs, logits)
+
+
+register(RouterRecord("topk", topk))
+register(RouterRecord("sigmoid", sigmoid, selection_bias=True))
+register(
+    RouterRecord(
+        "expert_choice", expert_choice, token_local=False, slots=lambda cfg: cfg.num_experts
+    )
+)
+register(RouterRecord("top_p", top_p))

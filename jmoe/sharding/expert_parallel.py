@@ -23,7 +23,6 @@ Axis legend: P expert-axis size, E_l = E / P local experts, T_l local tokens, B 
 import math
 from collections.abc import Sequence
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from jmoe import dispatch as dispatch_lib
 from jmoe import experts as experts_lib
 from jmoe import ops
+from jmoe.routing.config import RouterConfig
 from jmoe.routing.types import Routing
 from jmoe.sharding.exchange import (
     all_to_all,
@@ -58,10 +58,6 @@ def resolve_mesh(mesh=None):
     return m
 
 
-# Routers whose result for a token depends on that token only (expert choice does not).
-TOKEN_LOCAL_ROUTERS = ("topk", "sigmoid", "top_p", "null", "moepp", "hash", "stochastic")
-
-
 def route_sharded(
     logits_TxS,
     cfg,
@@ -79,8 +75,8 @@ def route_sharded(
     GSPMD does not partition XLA's TopK along the token axis (it all-gathers the [T, S]
     logits to every device first); a token-local router without randomness gives identical
     results shard by shard, so it runs inside `shard_map` with the tokens split over the batch
-    axes. Expert choice, random routing and token counts that do not split fall back to the
-    global view.
+    axes. Routers that are not `token_local` (expert choice), random routing and token counts
+    that do not split fall back to the global view.
     """
     from jmoe.routing import route
 
@@ -88,7 +84,7 @@ def route_sharded(
     mesh = resolve_mesh(mesh)
     baxes = batch_axes(mesh, data_axes, expert_axis)
     n = axis_size(mesh, baxes)
-    if cfg.kind not in TOKEN_LOCAL_ROUTERS or rng is not None or logits_TxS.shape[0] % n:
+    if not cfg.record.token_local or rng is not None or logits_TxS.shape[0] % n:
         return route(logits_TxS, cfg, token_ids=token_ids, **call)
     bspec = P(baxes, None)
     tspec = P(baxes)
@@ -220,16 +216,6 @@ def _param_specs(params, expert_axis, tensor_axis):
     return specs
 
 
-class _ModeOpts(NamedTuple):
-    """The dispatch-mode options of `expert_parallel_ffn`."""
-
-    capacity_factor: float
-    min_capacity: int
-    batch_priority: bool
-    buffer_factor: float | None
-    implementation: object
-
-
 def _shard_geometry(mesh, params, routing, num_experts, expert_axis, tensor_axis, data_axes):
     """Validates the axes and sizes; returns (mesh, batch axes, batch shards, kwargs shared
     by the per-device bodies: `e`, `p`, `axis`, `tensor_axis`)."""
@@ -274,14 +260,13 @@ def _capacity_mask(routing, active, e, cap, batch_priority):
     return mask, dropped
 
 
-def _dispatch_setup(dispatch, kind, routing, active, x, n_shards, common, opts: _ModeOpts):
+def _dispatch_setup(dispatch, kind, routing, active, x, n_shards, common, rc, factor, impl):
     """Per dispatch mode: (per-device body, slot mask, dropped fraction, rows per block B,
     a2a bytes per device, None where they are data dependent)."""
     t, k = routing.expert_ids.shape
     t_l, d = t // n_shards, x.shape[-1]
     e, p = common["e"], common["p"]
     itemsize = jnp.dtype(x.dtype).itemsize
-    impl, factor = opts.implementation, opts.buffer_factor
     if dispatch == "dropless" and kind != "padded":
         b = ragged_buffer_rows(t_l, k, e, p, factor)
         local = partial(_ragged_local, r=b, impl=impl, emulate=kind == "ragged_emulated", **common)
@@ -291,8 +276,8 @@ def _dispatch_setup(dispatch, kind, routing, active, x, n_shards, common, opts: 
         local = partial(_dropless_local, b=b, impl=impl, **common)
         return local, active, jnp.float32(0.0), b, 2 * p * b * d * itemsize
     if dispatch == "capacity":
-        cap = dispatch_lib.capacity(t, k, e, opts.capacity_factor, opts.min_capacity)
-        mask, dropped = _capacity_mask(routing, active, e, cap, opts.batch_priority)
+        cap = dispatch_lib.capacity(t, k, e, rc.capacity_factor, rc.min_capacity)
+        mask, dropped = _capacity_mask(routing, active, e, cap, rc.batch_priority)
         b = capacity_buffer_rows(t_l, k, e, cap, factor)
         local = partial(_capacity_local, b=b, **common)
         return local, mask, dropped, b, 2 * e * b * d * itemsize
@@ -337,16 +322,13 @@ def expert_parallel_ffn(
     params,
     x_TxD,
     routing: Routing,
-    num_experts: int,
+    cfg: RouterConfig,
     *,
     mesh=None,
     expert_axis: str = "expert",
     data_axes: Sequence[str] = ("data", "fsdp"),
     tensor_axis: str | None = None,
     dispatch: str = "dropless",
-    capacity_factor: float = 1.25,
-    min_capacity: int = 0,
-    batch_priority: bool = False,
     activation: str = "swiglu",
     buffer_factor: float | None = None,
     implementation=None,
@@ -360,7 +342,8 @@ def expert_parallel_ffn(
       x_TxD: global tokens; T must be divisible by the product of the batch axes
         (`data_axes` present in the mesh, then `expert_axis`).
       routing: the global routing result.
-      num_experts: E, divisible by the expert-axis size.
+      cfg: the router configuration: E = `cfg.num_experts` (divisible by the expert-axis
+        size) and, for capacity dispatch, its capacity fields.
       mesh: a `Mesh`/`AbstractMesh`; default the one set by `jax.set_mesh`.
       tensor_axis: shard the FFN width F over this axis (outputs psum'd over it).
       dispatch: `dropless` or `capacity` (the same semantics as the single-device layer).
@@ -372,6 +355,7 @@ def expert_parallel_ffn(
       dropless) and aux with `ep_overflow_fraction` and `ep_a2a_bytes` (bytes each device sends
       through the all-to-alls per forward pass: rows in both directions).
     """
+    num_experts = cfg.num_experts
     mesh, baxes, n_shards, common = _shard_geometry(
         mesh, params, routing, num_experts, expert_axis, tensor_axis, data_axes
     )
@@ -380,10 +364,9 @@ def expert_parallel_ffn(
     x = x_TxD.astype(params["w_out"].dtype)
     pspecs = _param_specs(params, expert_axis, tensor_axis)
     common["activation"] = activation
-    opts = _ModeOpts(capacity_factor, min_capacity, batch_priority, buffer_factor, implementation)
-    local, mask, dropped, b, a2a_bytes = _dispatch_setup(
-        dispatch, resolve_a2a(a2a), routing, active, x, n_shards, common, opts
-    )
+    mode = (cfg, buffer_factor, implementation)
+    setup = _dispatch_setup(dispatch, resolve_a2a(a2a), routing, active, x, n_shards, common, *mode)
+    local, mask, dropped, b, a2a_bytes = setup
     y, overflow = _run_local(local, mesh, baxes, pspecs, (params, x, routing.expert_ids, mask, w))
     aux = _ep_aux(mesh, n_shards, x, mask, overflow, a2a_bytes, b)
     return y, jnp.asarray(dropped, jnp.float32), aux

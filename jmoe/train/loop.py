@@ -93,7 +93,7 @@ def _train(cfg, workdir: str, mesh) -> dict:
     train_step = parallel.jit_train_step(
         step.make_train_step(model, optimizer, cfg), shardings, mesh
     )
-    eval_step = parallel.jit_eval_step(step.make_eval_step(model, cfg), mesh)
+    eval_step = parallel.jit_eval_step(step.make_eval_step(model), mesh)
     t = cfg.train
     writer = metrics.MetricsWriter(workdir, t.tensorboard) if primary else parallel.NullWriter()
     tokens_per_batch = cfg.data.batch_size * int(np.prod(example["targets"].shape[1:]))
@@ -138,10 +138,4 @@ def _train(cfg, workdir: str, mesh) -> dict:
     return final
 
 
-def held_out_loss(cfg, state, eval_batches) -> float:
-    model = models.build(cfg)
-    fn = jax.jit(step.make_eval_step(model, cfg))
-    return float(evaluate(fn, state, eval_batches)["heldout_loss"])
-
-
-__all__ = ["evaluate", "held_out_loss", "train_and_evaluate"]
+__all__ = ["evaluate", "train_and_evaluate"]

@@ -8,9 +8,6 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jmoe import routing as routing_lib
-from jmoe.models import layer_specs, split
-
 
 @struct.dataclass
 class TrainState:
@@ -59,22 +56,27 @@ def _layer_metrics(aux) -> dict[str, Any]:
     return out
 
 
+def _variables(params, router_state) -> dict:
+    return {"params": params, **({"router_state": router_state} if router_state else {})}
+
+
 def make_train_step(model: nn.Module, optimizer, cfg):
     """`train_step(state, batch, rng) -> (state, metrics)`, a pure function of pytrees.
 
     Loss = cross-entropy + `moe.load_balance_weight` * balance loss + `moe.z_loss_weight`
     * z-loss + `moe.entropy_loss_weight` * router entropy loss (all summed over MoE layers).
-    For the `sigmoid` router the selection biases are moved by the aux-loss-free rule with
-    this step's expert counts (outside the gradient).
+    The model's layers update their own `router_state` (e.g. the sigmoid router's selection
+    bias) in the forward pass, outside the gradient.
     """
     moe = cfg.moe
 
     def loss_fn(params, state, batch, rng):
-        variables = {"params": params}
-        if state.router_state:
-            variables["router_state"] = state.router_state
-        logits, aux = model.apply(
-            variables, batch["inputs"], deterministic=False, rngs={"router": rng}
+        (logits, aux), new_vars = model.apply(
+            _variables(params, state.router_state),
+            batch["inputs"],
+            deterministic=False,
+            rngs={"router": rng},
+            mutable=["router_state"],
         )
         ce, acc = _losses(logits, batch["targets"])
         loss = (
@@ -83,20 +85,13 @@ def make_train_step(model: nn.Module, optimizer, cfg):
             + moe.z_loss_weight * aux["z_loss"]
             + moe.entropy_loss_weight * aux["entropy_loss"]
         )
-        return loss, (ce, acc, aux)
+        return loss, (ce, acc, aux, new_vars.get("router_state", {}))
 
     def train_step(state: TrainState, batch, rng):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (ce, acc, aux)), grads = grad_fn(state.params, state, batch, rng)
+        (loss, (ce, acc, aux, router_state)), grads = grad_fn(state.params, state, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        router_state = state.router_state
-        if router_state:
-            router_state = jax.tree.map(
-                lambda b, c: routing_lib.aux_free_bias_update(b, c, moe.bias_update_gamma),
-                router_state,
-                aux["router_state_counts"],
-            )
         metrics = {
             "loss": loss,
             "ce": ce,
@@ -115,33 +110,18 @@ def make_train_step(model: nn.Module, optimizer, cfg):
     return train_step
 
 
-def make_eval_step(model: nn.Module, cfg):
-    """`eval_step(params, router_state, batch, rng) -> metrics` (deterministic routing).
-
-    Also returns, per MoE layer, `moe/layer_l/experts_per_token_hist`: how many tokens used
-    0, 1, ..., K FFN experts (routing recomputed from the layer's logits; for a
-    Chain-of-Experts layer, its last iteration).
-    """
-    mcfg, moe_cfg = split(cfg)
-    specs = layer_specs(mcfg, moe_cfg)
+def make_eval_step(model: nn.Module):
+    """`eval_step(params, router_state, batch, rng) -> metrics` (deterministic routing),
+    with every MoE layer's statistics (e.g. `moe/layer_l/experts_per_token_hist`)."""
 
     def eval_step(params, router_state, batch, rng):
-        variables = {"params": params}
-        if router_state:
-            variables["router_state"] = router_state
         logits, aux = model.apply(
-            variables, batch["inputs"], deterministic=True, rngs={"router": rng}
+            _variables(params, router_state),
+            batch["inputs"],
+            deterministic=True,
+            rngs={"router": rng},
         )
         ce, acc = _losses(logits, batch["targets"])
-        out = {"ce": ce, "accuracy": acc, **_layer_metrics(aux)}
-        for name, logits_l in aux.get("router_logits", {}).items():
-            e, k = specs[int(name.split("_")[1])]
-            rcfg = moe_cfg.layer(num_experts=e, top_k=k).router_config
-            if rcfg.kind in ("sigmoid", "hash", "stochastic"):
-                continue
-            r = routing_lib.route(logits_l.reshape(-1, logits_l.shape[-1]), rcfg)
-            ept = jnp.sum(r.active(rcfg.num_experts), axis=-1)
-            out[f"moe/{name}/experts_per_token_hist"] = jnp.bincount(ept, length=rcfg.max_slots + 1)
-        return out
+        return {"ce": ce, "accuracy": acc, **_layer_metrics(aux)}
 
     return eval_step

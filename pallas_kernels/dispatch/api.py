@@ -11,68 +11,35 @@ data movement, forward and backward, is a row gather:
 """
 
 import functools
-import importlib
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.dispatch import reference
-from pallas_kernels.selection import first_applicable
+from pallas_kernels.registry import Impl, Op
 
 Implementation = Literal["reference", "xla", "triton", "mosaic_tpu"]
-IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
-_MODULES = {"xla": "xla", "triton": "gpu", "mosaic_tpu": "tpu"}
-
-# What `implementation=None` picks. The Pallas kernels are verified in interpret mode and lower
+# What `implementation=None` picks: the Pallas kernels are verified in interpret mode and lower
 # for their backends, but have not been timed against XLA's own gathers on hardware yet, so
 # every backend defaults to "xla" until a benchmark (benchmarks/dispatch.py adds the backend's
 # kernel to its table) shows the kernel wins.
-_DEFAULT_FOR_BACKEND = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+OP = Op(
+    "dispatch",
+    (
+        Impl("reference", reference),
+        Impl("xla", "pallas_kernels.dispatch.xla"),
+        Impl("triton", "pallas_kernels.dispatch.gpu", ("gpu",), interpretable=True),
+        Impl("mosaic_tpu", "pallas_kernels.dispatch.tpu", ("tpu",), interpretable=True),
+    ),
+    {"*": ("xla",)},
+)
+IMPLEMENTATIONS: tuple[str, ...] = OP.names
 
 
-def _applies(name, interpret) -> bool:
-    """Whether implementation `name` can run on the default backend (or in interpret mode)."""
-    backend = jax.default_backend()
-    if name in ("reference", "xla"):
-        return True
-    if name == "triton":
-        return backend == "gpu" or bool(interpret)
-    if name == "mosaic_tpu":
-        return backend == "tpu" or bool(interpret)
-    return False
-
-
-def resolve_implementation(implementation=None, interpret=False) -> str:
-    """Picks an implementation name.
-
-    Args:
-      implementation: None (the backend's default from `_DEFAULT_FOR_BACKEND`: "xla"
-        everywhere until the Pallas kernels are timed on hardware), a name from
-        `IMPLEMENTATIONS`, or a sequence of names (the first that applies to the backend).
-      interpret: whether Pallas kernels run in interpret mode (then they apply on any backend).
-
-    Returns:
-      The chosen name.
-
-    Raises:
-      ValueError: unknown name, or no name in the sequence applies.
-    """
-    if implementation is None:
-        implementation = _DEFAULT_FOR_BACKEND.get(jax.default_backend(), ("xla",))
-    return first_applicable(
-        "dispatch",
-        implementation,
-        IMPLEMENTATIONS,
-        lambda name: _applies(name, interpret),
-        lambda names: f" (interpret={interpret!r})",
-    )
-
-
-def _module(name):
-    return importlib.import_module(f"pallas_kernels.dispatch.{_MODULES[name]}")
+resolve_implementation = OP.resolve  # (implementation, *, interpret=False) -> name
 
 
 def _check_positive_int(value, arg):
@@ -185,14 +152,14 @@ def _dispatch_fwd(x_TxD, rows_TxK, num_experts, capacity, name, interpret):
     k = rows_TxK.shape[1]
     slot_R = _inverse_map(rows_TxK, num_experts * capacity)
     tok_R = jnp.where(slot_R < 0, -1, slot_R // k)
-    buf_RxD = _module(name).gather_rows(x_TxD, tok_R, interpret=interpret)
+    buf_RxD = OP[name].load().gather_rows(x_TxD, tok_R, interpret=interpret)
     return buf_RxD.reshape(num_experts, capacity, x_TxD.shape[1]), rows_TxK
 
 
 def _dispatch_bwd(num_experts, capacity, name, interpret, res, dbuf_ExCxD):
     rows_TxK = res
     dbuf_RxD = dbuf_ExCxD.reshape(num_experts * capacity, dbuf_ExCxD.shape[-1])
-    dx_TxD = _module(name).gather_sum(dbuf_RxD, rows_TxK, None, interpret=interpret)
+    dx_TxD = OP[name].load().gather_sum(dbuf_RxD, rows_TxK, None, interpret=interpret)
     return dx_TxD.astype(dbuf_ExCxD.dtype), None
 
 
@@ -202,8 +169,10 @@ _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _combine(buf_ExCxD, rows_TxK, weights_TxK, name, interpret):
     e, c, d = buf_ExCxD.shape
-    return _module(name).gather_sum(
-        buf_ExCxD.reshape(e * c, d), rows_TxK, weights_TxK, interpret=interpret
+    return (
+        OP[name]
+        .load()
+        .gather_sum(buf_ExCxD.reshape(e * c, d), rows_TxK, weights_TxK, interpret=interpret)
     )
 
 
@@ -216,7 +185,7 @@ def _combine_bwd(name, interpret, res, dy_TxD):
     buf_ExCxD, rows_TxK, weights_TxK = res
     e, c, d = buf_ExCxD.shape
     k = rows_TxK.shape[1]
-    mod = _module(name)
+    mod = OP[name].load()
     slot_R = _inverse_map(rows_TxK, e * c)
     tok_R = jnp.where(slot_R < 0, -1, slot_R // k)
     w_R = jnp.where(slot_R < 0, 0.0, weights_TxK.reshape(-1)[jnp.maximum(slot_R, 0)])
@@ -264,7 +233,7 @@ def dispatch(
     _check_slots(expert_ids_TxK, pos_TxK, "pos_TxK", num_tokens=x_TxD.shape[0])
     _check_positive_int(num_experts, "num_experts")
     _check_positive_int(capacity, "capacity")
-    name = resolve_implementation(implementation, interpret)
+    name = OP.resolve(implementation, interpret=interpret)
     if name == "reference":
         return reference.dispatch(x_TxD, expert_ids_TxK, pos_TxK, num_experts, capacity)
     rows_TxK = _slot_rows(expert_ids_TxK, pos_TxK, num_experts, capacity)
@@ -300,7 +269,7 @@ def combine(
         raise ValueError(f"buf_ExCxD must have shape [E, C, D], got {buf_ExCxD.shape}")
     _check_slots(expert_ids_TxK, pos_TxK, "pos_TxK")
     _check_slots(expert_ids_TxK, weights_TxK, "weights_TxK")
-    name = resolve_implementation(implementation, interpret)
+    name = OP.resolve(implementation, interpret=interpret)
     if name == "reference":
         return reference.combine(buf_ExCxD, expert_ids_TxK, pos_TxK, weights_TxK)
     e, c, _ = buf_ExCxD.shape

@@ -1,96 +1,45 @@
 """Public grouped-matmul API: implementation registry, argument checks and the custom VJP."""
 
 import functools
-import importlib
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gmm import cpu, reference, xla
-from pallas_kernels.selection import first_applicable
+from pallas_kernels.registry import Impl, Op
 
 Implementation = Literal[
     "reference", "xla", "cpu_ffi", "ragged_dot", "triton", "mosaic_gpu", "mosaic_tpu"
 ]
-IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
-
-# Backends each implementation runs on when compiled (interpret mode runs anywhere).
-_BACKENDS = {
-    "reference": None,
-    "xla": None,
-    "cpu_ffi": ("cpu",),
-    "ragged_dot": None,
-    "triton": ("gpu", "cuda", "rocm"),
-    "mosaic_gpu": ("gpu", "cuda"),
-    "mosaic_tpu": ("tpu",),
-}
-# Pallas kernels, imported only when used: implementation -> module of `gmm` and `tgmm`.
-_KERNEL_MODULES = {
-    "triton": "pallas_kernels.gmm.gpu",
-    "mosaic_gpu": "pallas_kernels.gmm.mosaic_gpu",
-    "mosaic_tpu": "pallas_kernels.gmm.tpu",
-}
-_INTERPRETABLE = tuple(_KERNEL_MODULES)
-# Plain (non-Pallas) implementations with the same `gmm` / `tgmm` signature.
-_PLAIN_MODULES = {"reference": reference, "xla": xla, "cpu_ffi": cpu}
-# Implementations that may be missing at run time: name -> reason (None when usable).
-_UNAVAILABLE = {"cpu_ffi": cpu.why_unavailable}
-# Backend -> implementations in order of preference; the first that is usable is the default.
-_DEFAULTS = {
-    "cpu": ("cpu_ffi", "xla"),
-    # mosaic_gpu runs its Hopper kernel where it applies and the Triton kernel elsewhere.
-    "gpu": ("mosaic_gpu", "triton"),
-    "cuda": ("mosaic_gpu", "triton"),
-    "rocm": ("triton",),
-    "tpu": ("mosaic_tpu",),
-}
+_GPU = ("gpu", "cuda")
+# One record per implementation; `gmm` and `tgmm` run the same one.
+OP = Op(
+    "gmm",
+    (
+        Impl("reference", reference),
+        Impl("xla", xla),
+        Impl("cpu_ffi", cpu, ("cpu",), gathers_rows=True, unavailable=cpu.why_unavailable),
+        Impl("ragged_dot", "pallas_kernels.gmm.ragged_dot"),
+        Impl("triton", "pallas_kernels.gmm.gpu", (*_GPU, "rocm"), interpretable=True),
+        # Runs its Hopper kernel where it applies and the Triton kernel elsewhere.
+        Impl("mosaic_gpu", "pallas_kernels.gmm.mosaic_gpu", _GPU, interpretable=True),
+        Impl("mosaic_tpu", "pallas_kernels.gmm.tpu", ("tpu",), interpretable=True),
+    ),
+    {
+        "cpu": ("cpu_ffi", "xla"),
+        "gpu": ("mosaic_gpu", "triton", "xla"),
+        "cuda": ("mosaic_gpu", "triton", "xla"),
+        "rocm": ("triton", "xla"),
+        "tpu": ("mosaic_tpu", "xla"),
+        "*": ("xla",),
+    },
+)
+IMPLEMENTATIONS: tuple[str, ...] = OP.names
 
 
-def _runs_on(name: str, backend: str, interpret: bool) -> bool:
-    allowed = _BACKENDS[name]
-    return allowed is None or backend in allowed or (interpret and name in _INTERPRETABLE)
-
-
-def _usable(name: str, backend: str, interpret: bool) -> bool:
-    if not _runs_on(name, backend, interpret):
-        return False
-    return name not in _UNAVAILABLE or _UNAVAILABLE[name]() is None
-
-
-def resolve_implementation(
-    implementation: str | Sequence[str] | None, *, interpret: bool = False
-) -> str:
-    """Picks the implementation name to run on ``jax.default_backend()``.
-
-    Args:
-      implementation: a name, a sequence of names (first that applies wins) or None for the
-        backend's default.
-      interpret: Pallas kernels apply on any backend when interpreted.
-
-    Returns:
-      One name from ``IMPLEMENTATIONS``.
-
-    Raises:
-      ValueError: unknown name, or no name in the sequence applies on this backend.
-    """
-    backend = jax.default_backend()
-    if implementation is None:
-        defaults = _DEFAULTS.get(backend, ("xla",))
-        return next((n for n in defaults if _usable(n, backend, interpret)), "xla")
-
-    def why(names):
-        reasons = "".join(
-            f"; {n}: {_UNAVAILABLE[n]()}"
-            for n in names
-            if n in _UNAVAILABLE and _runs_on(n, backend, interpret)
-        )
-        return f" (interpret={interpret}){reasons}"
-
-    return first_applicable(
-        "gmm", implementation, IMPLEMENTATIONS, lambda n: _usable(n, backend, interpret), why
-    )
+resolve_implementation = OP.resolve  # (implementation, *, interpret=False) -> name
 
 
 def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, lhs_rows=None):
@@ -99,12 +48,7 @@ def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, lhs_rows=None):
         raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
     if rhs.ndim != 3:
         raise ValueError(f"rhs must be [G, K, N], got shape {rhs.shape}")
-    if group_sizes.ndim != 1 or group_sizes.shape[0] != rhs.shape[0]:
-        raise ValueError(
-            f"group_sizes must be [G] with G={rhs.shape[0]}, got shape {group_sizes.shape}"
-        )
-    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be integer, got {group_sizes.dtype}")
+    _check_group_sizes(group_sizes, rhs.shape[0])
     k_rhs = rhs.shape[2] if transpose_rhs else rhs.shape[1]
     if lhs.shape[1] != k_rhs:
         raise ValueError(
@@ -112,86 +56,58 @@ def _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, lhs_rows=None):
         )
 
 
+def _check_group_sizes(group_sizes, num_groups=None):
+    if group_sizes.ndim != 1 or group_sizes.shape[0] != (num_groups or group_sizes.shape[0]):
+        want = "[G]" if num_groups is None else f"[G] with G={num_groups}"
+        raise ValueError(f"group_sizes must be {want}, got shape {group_sizes.shape}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integer, got {group_sizes.dtype}")
+
+
 def _check_rows(rows, name="lhs_rows"):
     if rows is not None and (rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer)):
         raise ValueError(f"{name} must be an integer [M] array, got {rows.dtype}{list(rows.shape)}")
 
 
-# Implementations that gather `lhs_rows` / `dout_rows` themselves; the others get the
-# gathered rows.
-_GATHERS_ROWS = ("cpu_ffi",)
-
-
 def gathers_rows(implementation=None, *, interpret: bool = False) -> bool:
     """Whether ``implementation`` (resolved as by ``gmm``) reads ``lhs_rows`` and
     ``dout_rows`` by index itself; the other implementations are handed gathered rows."""
-    return resolve_implementation(implementation, interpret=interpret) in _GATHERS_ROWS
+    return OP.select(implementation, interpret=interpret).gathers_rows
 
 
 def _rows_for(impl, operand, rows):
     """(operand, rows) as ``impl`` takes them. A row id outside [0, T) gives a NaN row here
     (the native kernel reports an error): never a silently clamped row."""
-    if rows is None or impl in _GATHERS_ROWS:
+    if rows is None or OP[impl].gathers_rows:
         return operand, rows
     return jnp.take(operand, rows, axis=0, mode="fill", fill_value=jnp.nan), None
 
 
+def _given(**operands):
+    return {k: v for k, v in operands.items() if v is not None}
+
+
 def _gmm_impl(lhs, rhs, group_sizes, lhs_rows, transpose_rhs, out_dtype, impl, interpret):
     lhs, lhs_rows = _rows_for(impl, lhs, lhs_rows)
-    if impl in _PLAIN_MODULES:
-        rows = {} if lhs_rows is None else {"lhs_rows": lhs_rows}
-        return _PLAIN_MODULES[impl].gmm(
-            lhs,
-            rhs,
-            group_sizes,
-            transpose_rhs=transpose_rhs,
-            preferred_element_type=out_dtype,
-            **rows,
-        )
-    if impl == "ragged_dot":
-        if transpose_rhs:
-            rhs = jnp.swapaxes(rhs, 1, 2)
-        out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-        total = jnp.sum(group_sizes)
-        keep = jnp.arange(lhs.shape[0]) < total
-        return jnp.where(keep[:, None], out, 0).astype(out_dtype)
-    kernel = importlib.import_module(_KERNEL_MODULES[impl])
-    return kernel.gmm(
-        lhs,
-        rhs,
-        group_sizes,
-        transpose_rhs=transpose_rhs,
-        preferred_element_type=out_dtype,
-        interpret=interpret,
+    rec = OP[impl]  # Pallas kernels take `interpret`, the others the rows they gather.
+    kw = {"interpret": interpret} if rec.interpretable else _given(lhs_rows=lhs_rows)
+    return rec.load().gmm(
+        lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, preferred_element_type=out_dtype, **kw
     )
 
 
 def _tgmm_impl(lhs, dout, group_sizes, rows, num_groups, out_dtype, impl, interpret):
     """``rows``: (lhs_rows, dout_rows), each None or int [M]."""
-    if impl == "ragged_dot":
-        # ragged_dot's transpose (ragged contracting dim) is not a fast path either; use the
-        # active-FLOPs loop.
-        impl = "xla"
     lhs, lhs_rows = _rows_for(impl, lhs, rows[0])
     dout, dout_rows = _rows_for(impl, dout, rows[1])
-    if impl in _PLAIN_MODULES:
-        named = {"lhs_rows": lhs_rows, "dout_rows": dout_rows}
-        return _PLAIN_MODULES[impl].tgmm(
-            lhs,
-            dout,
-            group_sizes,
-            num_groups=num_groups,
-            preferred_element_type=out_dtype,
-            **{key: r for key, r in named.items() if r is not None},
-        )
-    kernel = importlib.import_module(_KERNEL_MODULES[impl])
-    return kernel.tgmm(
-        lhs,
-        dout,
-        group_sizes,
-        num_groups=num_groups,
-        preferred_element_type=out_dtype,
-        interpret=interpret,
+    rec = OP[impl]
+    kw = (
+        {"interpret": interpret}
+        if rec.interpretable
+        else _given(lhs_rows=lhs_rows, dout_rows=dout_rows)
+    )
+    return rec.load().tgmm(
+        lhs, dout, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype, **kw
     )
 
 
@@ -266,7 +182,7 @@ def gmm(
       ``[M, N]``.
     """
     _check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, lhs_rows)
-    impl = resolve_implementation(implementation, interpret=interpret)
+    impl = OP.resolve(implementation, interpret=interpret)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     return _gmm_vjp(
         lhs,
@@ -320,14 +236,11 @@ def tgmm(
         raise ValueError(f"dout must be [M={m}, N], got shape {dout.shape}")
     if dout_rows is not None and dout_rows.shape[0] != m:
         raise ValueError(f"dout_rows must have M={m} entries, got {dout_rows.shape[0]}")
-    if group_sizes.ndim != 1:
-        raise ValueError(f"group_sizes must be [G], got shape {group_sizes.shape}")
-    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be integer, got {group_sizes.dtype}")
+    _check_group_sizes(group_sizes)
     num_groups = num_groups or group_sizes.shape[0]
     if num_groups > group_sizes.shape[0]:
         raise ValueError(f"num_groups={num_groups} > group_sizes length {group_sizes.shape[0]}")
-    impl = resolve_implementation(implementation, interpret=interpret)
+    impl = OP.resolve(implementation, interpret=interpret)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     gs = group_sizes.astype(jnp.int32)
     rows = (lhs_rows, dout_rows)

@@ -7,44 +7,35 @@ XLA:CPU runs as two passes with a slow row reduction. ``combine_grad`` does both
 """
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Literal
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.registry import Impl, Op
 from pallas_kernels.rows import cpu, reference
-from pallas_kernels.selection import first_applicable
 
 Implementation = Literal["reference", "cpu_ffi"]
-IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
-
-def _cpu_ffi_applies() -> bool:
-    return jax.default_backend() == "cpu" and cpu.available()
-
-
-def resolve_implementation(implementation: str | Sequence[str] | None, dtypes=()) -> str:
-    """Picks the implementation: a name, a sequence (first that applies wins) or None.
-
-    None: ``cpu_ffi`` on CPU when the native kernel builds and every operand is f32 (other
-    dtypes would be copied to f32 first), else ``reference``.
-
-    Raises:
-      ValueError: unknown name, or none of the names applies (with the reason).
-    """
-    if implementation is None:
-        all_f32 = all(jnp.dtype(d) == jnp.float32 for d in dtypes)
-        return "cpu_ffi" if all_f32 and _cpu_ffi_applies() else "reference"
-    return first_applicable(
-        "combine_grad",
-        implementation,
-        IMPLEMENTATIONS,
-        lambda name: name == "reference" or _cpu_ffi_applies(),
-        lambda names: (
-            f" (cpu_ffi: CPU only; native kernel: {cpu.why_unavailable() or 'available'})"
+OP = Op(
+    "combine_grad",
+    (
+        Impl("reference", reference),
+        # The default only where every operand is f32 (others would be copied to f32 first).
+        Impl(
+            "cpu_ffi",
+            cpu,
+            ("cpu",),
+            unavailable=cpu.why_unavailable,
+            preferred=lambda dtypes: all(jnp.dtype(d) == jnp.float32 for d in dtypes),
         ),
-    )
+    ),
+    {"cpu": ("cpu_ffi", "reference"), "*": ("reference",)},
+)
+IMPLEMENTATIONS: tuple[str, ...] = OP.names
+
+
+resolve_implementation = OP.resolve  # (implementation, *, dtypes) -> name
 
 
 def combine_grad(
@@ -80,7 +71,7 @@ def combine_grad(
             f"combine_grad: token and weight must be [N={n}], got {token_N.shape} and "
             f"{weight_N.shape}"
         )
-    impl = resolve_implementation(implementation, (ys_NxD.dtype, dy_TxD.dtype, weight_N.dtype))
+    impl = OP.resolve(implementation, dtypes=(ys_NxD.dtype, dy_TxD.dtype, weight_N.dtype))
     if impl == "reference":
         return reference.combine_grad(ys_NxD, dy_TxD, token_N, weight_N)
     f32 = lambda a: a.astype(jnp.float32)

@@ -6,19 +6,16 @@ dtype and are differentiable with respect to it (the gradient flows to the selec
 """
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Literal
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.selection import first_applicable
+from pallas_kernels.registry import Impl, Op
 from pallas_kernels.topk import cpu, reference
 
 Implementation = Literal["reference", "cpu_ffi"]
-IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
-_MODULES = {"reference": reference, "cpu_ffi": cpu}
 # The native kernel does O(N + k * N / 16) work per row against a partial sort's
 # O(N log k): past this k the default stays with XLA's TopK. Measured ([rows, N] k: XLA's
 # TopK / native, ms): [64, 2048] 64: 0.99 / 0.42, 128: 1.70 / 0.77, 256: 2.99 / 2.29;
@@ -26,37 +23,33 @@ _MODULES = {"reference": reference, "cpu_ffi": cpu}
 CPU_FFI_MAX_K = 256
 
 
-def _applies(name: str, operand, k: int, *, default: bool) -> bool:
-    if name == "reference":
-        return True
+def _not_f32_exact(dtype, k) -> str | None:
     # f32 keys: exact for floats of at most 32 bits (f64 would be rounded, so it stays with XLA).
-    dtype = jnp.dtype(operand.dtype)
-    float32_exact = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize <= 4
-    cpu_ok = jax.default_backend() == "cpu" and float32_exact
-    return cpu_ok and cpu.available() and (not default or k <= CPU_FFI_MAX_K)
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize <= 4:
+        return None
+    return f"needs a float operand of at most 32 bits, got {dtype}"
 
 
-def resolve_implementation(implementation: str | Sequence[str] | None, operand, k: int) -> str:
-    """Picks the implementation: a name, a sequence (first that applies wins) or None.
-
-    None: ``cpu_ffi`` on CPU for float operands of at most 32 bits with k <= CPU_FFI_MAX_K
-    when the native kernel builds, else ``reference``.
-
-    Raises:
-      ValueError: unknown name, or none of the names applies (with the reason).
-    """
-    if implementation is None:
-        return "cpu_ffi" if _applies("cpu_ffi", operand, k, default=True) else "reference"
-    return first_applicable(
-        "top_k",
-        implementation,
-        IMPLEMENTATIONS,
-        lambda name: _applies(name, operand, k, default=False),
-        lambda names: (
-            f" for a {operand.dtype} operand (cpu_ffi needs a float operand of at most 32 bits"
-            f" on CPU; native kernel: {cpu.why_unavailable() or 'available'})"
+OP = Op(
+    "top_k",
+    (
+        Impl("reference", reference),
+        Impl(
+            "cpu_ffi",
+            cpu,
+            ("cpu",),
+            unavailable=cpu.why_unavailable,
+            rejects=_not_f32_exact,
+            preferred=lambda dtype, k: k <= CPU_FFI_MAX_K,
         ),
-    )
+    ),
+    {"cpu": ("cpu_ffi", "reference"), "*": ("reference",)},
+)
+IMPLEMENTATIONS: tuple[str, ...] = OP.names
+
+
+resolve_implementation = OP.resolve  # (implementation, *, dtype, k) -> name
 
 
 def top_k(
@@ -87,4 +80,4 @@ def top_k(
     n = operand.shape[-1]
     if not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"top_k: k={k!r} must be an int with 1 <= k <= N={n}")
-    return _MODULES[resolve_implementation(implementation, operand, k)].top_k(operand, k)
+    return OP.select(implementation, dtype=operand.dtype, k=k).load().top_k(operand, k)

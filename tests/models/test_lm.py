@@ -152,18 +152,44 @@ def test_hash_router_uses_token_ids():
 
 
 @pytest.mark.parametrize("chain", [1, 2])
-def test_sigmoid_router_state_matches_counts_tree(chain):
-    cfg = _cfg({"num_layers": 2}, {"router": "sigmoid", "chain_iterations": chain})
-    model = models.build(cfg)
-    v = _shapes(cfg)
-    _, aux = jax.eval_shape(
-        lambda v, x: model.apply({"params": v["params"], "router_state": v["router_state"]}, x),
-        v,
-        _tokens(),
+def test_sigmoid_router_state_is_updated_by_the_layers(chain):
+    """Training with mutable router_state moves every layer's (and iteration's) bias by the
+    aux-loss-free rule from its own loads; without `mutable` the bias is read unchanged."""
+    gamma = 0.01
+    moe = {"router": "sigmoid", "chain_iterations": chain, "bias_update_gamma": gamma}
+    cfg = _cfg({"num_layers": 2, "moe_offset": 0, "moe_every": 1}, moe)
+    tokens = _tokens()
+    model, v = _init(cfg, tokens)
+    v = nn.meta.unbox(v)
+    (_, aux), new = model.apply(
+        v, tokens, deterministic=False, rngs={"router": RNGS["router"]}, mutable=["router_state"]
     )
-    assert jax.tree.structure(aux["router_state_counts"]) == jax.tree.structure(v["router_state"])
+    assert jax.tree.structure(new["router_state"]) == jax.tree.structure(v["router_state"])
+    layers = new["router_state"]["stack"]
+    assert set(layers) == {"layer_0", "layer_1"}
+    for name, state in layers.items():
+        old = v["router_state"]["stack"][name]["ffn"]
+        if chain == 1:
+            counts = np.asarray(aux["layers"][name]["expert_counts"])
+            want = gamma * np.sign(counts.mean() - counts)
+            np.testing.assert_allclose(state["ffn"]["bias"] - old["bias"], want, atol=1e-7)
+        else:
+            assert set(state["ffn"]) == {f"iter_{t}" for t in range(chain)}
+            for t in range(chain):
+                moved = np.abs(state["ffn"][f"iter_{t}"]["bias"] - old[f"iter_{t}"]["bias"])
+                assert np.all((moved < 1e-7) | (np.abs(moved - gamma) < 1e-7)) and moved.max() > 0
+    logits_ro, _ = model.apply(v, tokens, deterministic=True)
+    logits_new, _ = model.apply({**v, **new}, tokens, deterministic=True)
+    assert not np.allclose(logits_ro, logits_new)  # the moved bias changes the selection
     if chain > 1:
         assert set(v["params"]["stack"]["layer_1"]["ffn"]) == {"experts", "iter_0", "iter_1"}
+
+
+def test_router_state_missing_is_a_clear_error():
+    cfg = _cfg(None, {"router": "sigmoid"})
+    model, v = _init(cfg, _tokens())
+    with pytest.raises(ValueError, match="keeps its selection bias in the 'router_state'"):
+        model.apply({"params": v["params"]}, _tokens())
 
 
 def test_chain_of_experts_shares_experts_and_composes():

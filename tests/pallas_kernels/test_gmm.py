@@ -314,8 +314,8 @@ def test_cpu_default_falls_back_without_a_compiler(tmp_path):
         "except ValueError as e:\n"
         "    assert 'cpu_ffi' in str(e) and 'failed' in str(e), e\n"
         "from pallas_kernels import rows, topk\n"
-        "assert topk.resolve_implementation(None, x, 2) == 'reference'\n"
-        "assert rows.resolve_implementation(None, (x.dtype,)) == 'reference'\n"
+        "assert topk.resolve_implementation(None, dtype=x.dtype, k=2) == 'reference'\n"
+        "assert rows.resolve_implementation(None, dtypes=(x.dtype,)) == 'reference'\n"
     )
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), JMOE_CACHE_DIR=str(tmp_path))
     env["JAX_PLATFORMS"] = "cpu"

@@ -92,10 +92,10 @@ def test_bad_shapes():
 
 def test_resolution():
     f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
-    assert resolve_implementation(None, (f32, f32)) in IMPLEMENTATIONS
-    assert resolve_implementation(None, (f32, bf16)) == "reference"
+    assert resolve_implementation(None, dtypes=(f32, f32)) in IMPLEMENTATIONS
+    assert resolve_implementation(None, dtypes=(f32, bf16)) == "reference"
     with pytest.raises(ValueError, match="unknown combine_grad implementation"):
         resolve_implementation("scatter")
     if jax.default_backend() == "cpu":
         want = "cpu_ffi" if rows_cpu.available() else "reference"
-        assert resolve_implementation(None, (f32,)) == want
+        assert resolve_implementation(None, dtypes=(f32,)) == want

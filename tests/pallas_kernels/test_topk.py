@@ -117,16 +117,16 @@ def test_bad_k(k):
 
 def test_resolution():
     x = jnp.zeros((2, 100))
-    assert resolve_implementation(None, x, 8) in IMPLEMENTATIONS
-    assert resolve_implementation(None, x.astype(jnp.int32), 8) == "reference"
+    assert resolve_implementation(None, dtype=x.dtype, k=8) in IMPLEMENTATIONS
+    assert resolve_implementation(None, dtype=jnp.int32, k=8) == "reference"
     # f64 would be rounded to f32 keys: it stays with XLA's TopK.
-    assert resolve_implementation(None, np.zeros((2, 100), np.float64), 8) == "reference"
-    assert resolve_implementation(None, x, CPU_FFI_MAX_K + 1) == "reference"
+    assert resolve_implementation(None, dtype=np.float64, k=8) == "reference"
+    assert resolve_implementation(None, dtype=x.dtype, k=CPU_FFI_MAX_K + 1) == "reference"
     with pytest.raises(ValueError, match="unknown top_k implementation"):
-        resolve_implementation("sort", x, 8)
+        resolve_implementation("sort", dtype=x.dtype, k=8)
     with pytest.raises(ValueError, match="cpu_ffi needs a float operand"):
-        resolve_implementation("cpu_ffi", x.astype(jnp.int32), 8)
+        resolve_implementation("cpu_ffi", dtype=jnp.int32, k=8)
     if jax.default_backend() == "cpu":
         want = "cpu_ffi" if topk_cpu.available() else "reference"
-        assert resolve_implementation(None, x, 8) == want
-        assert resolve_implementation(["cpu_ffi", "reference"], x, 99) == want
+        assert resolve_implementation(None, dtype=x.dtype, k=8) == want
+        assert resolve_implementation(["cpu_ffi", "reference"], dtype=x.dtype, k=99) == want

@@ -133,9 +133,10 @@ def test_bounded_buffers_report_overflow(dispatch, a2a):
     params = init_variables(model, x)["params"]
     params = {k: v for k, v in params.items() if k.startswith("w_")}
     x_td = x.reshape(-1, x.shape[-1])
-    run = functools.partial(expert_parallel_ffn, mesh=mesh, dispatch=dispatch, capacity_factor=4.0)
-    y_exact, _, aux_exact = jax.jit(lambda p, xx: run(p, xx, routing, E))(params, x_td)
-    y_small, _, aux_small = jax.jit(lambda p, xx: run(p, xx, routing, E, buffer_factor=0.5))(
+    cfg = RouterConfig(num_experts=E, top_k=K, capacity_factor=4.0)
+    run = functools.partial(expert_parallel_ffn, mesh=mesh, dispatch=dispatch)
+    y_exact, _, aux_exact = jax.jit(lambda p, xx: run(p, xx, routing, cfg))(params, x_td)
+    y_small, _, aux_small = jax.jit(lambda p, xx: run(p, xx, routing, cfg, buffer_factor=0.5))(
         params, x_td
     )
     assert float(aux_exact["ep_overflow_fraction"]) == 0.0
