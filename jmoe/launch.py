@@ -45,11 +45,17 @@ def child_env(base: dict, address: str, num: int, index: int, devices: int) -> d
     return env
 
 
+def _prefixed(line: bytes, prefix: bytes) -> bytes:
+    """`line` with `prefix` before it and after each carriage return (progress bars)."""
+    parts = line.split(b"\r")
+    return b"\r".join(prefix + p if p.strip() else p for p in parts)
+
+
 def _pump(stream, out, prefix: bytes, lock: threading.Lock) -> None:
     """Copies `stream` to `out` line by line, each line prefixed."""
     for line in iter(stream.readline, b""):
         with lock:
-            out.write(prefix + line)
+            out.write(_prefixed(line, prefix))
             out.flush()
     stream.close()
 

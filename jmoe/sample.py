@@ -29,6 +29,8 @@ def load(workdir: str):
 
     with open(os.path.join(workdir, "config.json")) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
+    # Sampling runs on one device: a model trained with expert parallelism runs unsharded.
+    cfg.moe.expert_axis = cfg.moe.tensor_axis = None
     model = models.build(cfg)
     optimizer, _ = optim.make_optimizer(cfg)
     example = {"inputs": np.zeros((1, 8), np.int32)}

@@ -39,12 +39,23 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict) -> Non
     mngr.wait_until_finished()
 
 
+def _restore_target(leaf) -> jax.ShapeDtypeStruct:
+    """A leaf's restore target; one without a sharding goes to the first local device (so a
+    checkpoint written by many devices or processes restores in one, e.g. for sampling)."""
+    target = ocp.utils.to_shape_dtype_struct(leaf)
+    if getattr(target, "sharding", None) is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=device)
+    return target
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-    """(state, data_state, step) from the latest complete checkpoint, or None."""
+    """(state, data_state, step) from the latest complete checkpoint, or None. Leaves of
+    `abstract_state` with a sharding are restored into it (each process reads its shards)."""
     step = mngr.latest_step()
     if step is None:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    abstract = jax.tree.map(_restore_target, abstract_state)
     out = mngr.restore(
         step,
         args=ocp.args.Composite(

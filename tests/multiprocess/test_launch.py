@@ -42,6 +42,13 @@ def test_children_get_coordinator_env_and_prefixed_output(capfd):
     assert len(addresses) == 1
 
 
+def test_progress_bars_are_prefixed_after_carriage_returns():
+    assert launch._prefixed(b"\rtrain: 0%\rtrain: 50%\n", b"[p0] ") == (
+        b"\r[p0] train: 0%\r[p0] train: 50%\n"
+    )
+    assert launch._prefixed(b"hello\n", b"[p1] ") == b"[p1] hello\n"
+
+
 @pytest.mark.parametrize("how", ["exit 3", "SIGKILL"])
 def test_a_failing_child_ends_the_others(how, capfd):
     die = "sys.exit(3)" if how == "exit 3" else "os.kill(os.getpid(), signal.SIGKILL)"

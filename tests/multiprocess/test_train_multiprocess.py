@@ -105,6 +105,12 @@ def test_two_processes_give_the_one_process_loss_curve(one_by_eight, two_by_four
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10", "20"]
 
 
+def test_sampling_restores_a_two_process_checkpoint_on_one_device(two_by_four):
+    cmd = [sys.executable, "-m", "jmoe.sample", f"--workdir={two_by_four[0]}", "--num_tokens=8"]
+    proc = ok(run([*cmd, "--temperature=0"]))
+    assert "[step 20]" in proc.stdout
+
+
 @pytest.mark.parametrize("processes,devices", [(1, 8), (4, 2)])
 def test_checkpoint_of_two_processes_resumes_in_other_process_counts(
     one_by_eight, two_by_four, tmp_path, processes, devices
