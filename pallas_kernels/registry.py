@@ -59,6 +59,11 @@ class Impl:
         return self.module
 
 
+def native_cpu(module: ModuleType, **traits) -> Impl:
+    """The `cpu_ffi` record of a native CPU kernel module (one with `why_unavailable`)."""
+    return Impl("cpu_ffi", module, ("cpu",), unavailable=module.why_unavailable, **traits)
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
     """An op's implementations and its backends' orders of preference.

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gmm import cpu, reference, xla
-from pallas_kernels.registry import Impl, Op
+from pallas_kernels.registry import Impl, Op, native_cpu
 
 Implementation = Literal[
     "reference", "xla", "cpu_ffi", "ragged_dot", "triton", "mosaic_gpu", "mosaic_tpu"
@@ -20,7 +20,7 @@ OP = Op(
     (
         Impl("reference", reference),
         Impl("xla", xla),
-        Impl("cpu_ffi", cpu, ("cpu",), gathers_rows=True, unavailable=cpu.why_unavailable),
+        native_cpu(cpu, gathers_rows=True),
         Impl("ragged_dot", "pallas_kernels.gmm.ragged_dot"),
         Impl("triton", "pallas_kernels.gmm.gpu", (*_GPU, "rocm"), interpretable=True),
         # Runs its Hopper kernel where it applies and the Triton kernel elsewhere.

@@ -12,7 +12,7 @@ from typing import Literal
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.registry import Impl, Op
+from pallas_kernels.registry import Impl, Op, native_cpu
 from pallas_kernels.rows import cpu, reference
 
 Implementation = Literal["reference", "cpu_ffi"]
@@ -22,13 +22,7 @@ OP = Op(
     (
         Impl("reference", reference),
         # The default only where every operand is f32 (others would be copied to f32 first).
-        Impl(
-            "cpu_ffi",
-            cpu,
-            ("cpu",),
-            unavailable=cpu.why_unavailable,
-            preferred=lambda dtypes: all(jnp.dtype(d) == jnp.float32 for d in dtypes),
-        ),
+        native_cpu(cpu, preferred=lambda dtypes: all(jnp.dtype(d) == jnp.float32 for d in dtypes)),
     ),
     {"cpu": ("cpu_ffi", "reference"), "*": ("reference",)},
 )

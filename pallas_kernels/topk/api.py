@@ -11,7 +11,7 @@ from typing import Literal
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.registry import Impl, Op
+from pallas_kernels.registry import Impl, Op, native_cpu
 from pallas_kernels.topk import cpu, reference
 
 Implementation = Literal["reference", "cpu_ffi"]
@@ -35,14 +35,7 @@ OP = Op(
     "top_k",
     (
         Impl("reference", reference),
-        Impl(
-            "cpu_ffi",
-            cpu,
-            ("cpu",),
-            unavailable=cpu.why_unavailable,
-            rejects=_not_f32_exact,
-            preferred=lambda dtype, k: k <= CPU_FFI_MAX_K,
-        ),
+        native_cpu(cpu, rejects=_not_f32_exact, preferred=lambda dtype, k: k <= CPU_FFI_MAX_K),
     ),
     {"cpu": ("cpu_ffi", "reference"), "*": ("reference",)},
 )
