@@ -1,25 +1,47 @@
-"""The notebooks in colabs/ are saved without outputs and run top to bottom without errors."""
+"""The notebooks in colabs/: saved without outputs, installable on Colab, listed in the README,
+and each runs top to bottom without an error (executed with nbclient)."""
 
 import pathlib
+import re
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-COLABS = sorted((pathlib.Path(__file__).resolve().parents[1] / "colabs").glob("*.ipynb"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COLABS = sorted((ROOT / "colabs").glob("*.ipynb"))
+# The issue's list, in teaching order (hf_checkpoints and surgery wait for their features).
+EXPECTED = {"quickstart", "routing_zoo", "dynamic_routing", "sharding", "kernels", "train_digits"}
 
 
-def test_there_are_notebooks():
-    assert COLABS, "colabs/ has no notebooks"
+def _code_cells(path):
+    return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+
+
+def test_the_notebooks_are_there():
+    assert {p.stem for p in COLABS} == EXPECTED
 
 
 @pytest.mark.parametrize("path", COLABS, ids=lambda p: p.stem)
 def test_saved_without_outputs(path):
-    nb = nbformat.read(path, as_version=4)
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "code":
-            assert not cell.outputs, f"{path.name} cell {i} has saved outputs"
-            assert cell.execution_count is None, f"{path.name} cell {i} has an execution count"
+    for i, cell in enumerate(_code_cells(path)):
+        assert not cell.outputs, f"{path.name} code cell {i} has saved outputs"
+        assert cell.execution_count is None, f"{path.name} code cell {i} has an execution count"
+
+
+def test_first_cell_installs_jmoe_on_colab():
+    """The same first code cell everywhere: on Colab it clones and pip-installs the repository."""
+    first = {p.stem: _code_cells(p)[0].source for p in COLABS}
+    source = first["quickstart"]
+    assert "google.colab" in source and "pip" in source and "install" in source
+    assert "import jax" not in source  # the sharding notebook sets XLA_FLAGS after it
+    assert all(s == source for s in first.values()), "first cells differ"
+
+
+def test_readme_lists_every_notebook():
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"\(colabs/(\w+)\.ipynb\)", readme))
+    assert listed == {p.stem for p in COLABS}
 
 
 @pytest.mark.parametrize("path", COLABS, ids=lambda p: p.stem)
