@@ -13,13 +13,14 @@ import jax.numpy as jnp
 from jmoe.layers.chain import ChainOfExperts
 from jmoe.models.config import ModelConfig, MoEConfig
 from jmoe.models.schedules import layer_plan
+from jmoe.sharding.rules import with_logical_partitioning
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
 def param_with_axes(mod: nn.Module, name, init, shape, axes, dtype):
-    return mod.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    return mod.param(name, with_logical_partitioning(init, axes), shape, dtype)
 
 
 class RMSNorm(nn.Module):

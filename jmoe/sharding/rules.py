@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+from flax.core import meta
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -19,6 +20,35 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv", None),
     ("vocab", "tensor"),
 )
+
+
+class LogicallyPartitioned(nn.LogicallyPartitioned):
+    """`nn.LogicallyPartitioned` that also turns into an NNX variable without a global flag.
+
+    Through `flax.nnx.bridge`, a Linen box becomes an `nnx.Variable` whose `out_sharding`
+    (the logical names) Flax applies eagerly, which needs a mesh and mesh-axis names.
+    This box says how: with a mesh (the box's, or the one set by `jax.set_mesh`) the
+    logical names map through `DEFAULT_RULES` (its box's own `rules` or context rules
+    first); without one, the variable is created unsharded (`eager_sharding=False`).
+    """
+
+    def to_nnx_metadata(self) -> dict:
+        """The NNX metadata of this box (Flax's own pops fields off the box itself)."""
+        metadata = dict(vars(self))
+        metadata["out_sharding"] = metadata.pop("names")
+        rules = metadata.pop("rules")
+        mesh = self.mesh if self.mesh is not None else meta.get_global_mesh()
+        if mesh is None:
+            metadata["eager_sharding"] = False
+        elif rules is None and not nn.get_logical_axis_rules():
+            rules = rules_for_mesh(DEFAULT_RULES, mesh)
+        metadata["sharding_rules"] = rules
+        return metadata
+
+
+def with_logical_partitioning(init, names, mesh=None, rules=None):
+    """`nn.with_logical_partitioning` boxing into `LogicallyPartitioned` (bridge-ready)."""
+    return lambda *args, **kwargs: LogicallyPartitioned(init(*args, **kwargs), names, mesh, rules)
 
 
 def rules_for_mesh(rules: Sequence, mesh) -> tuple:
