@@ -25,9 +25,13 @@ SMALL_LM = [
 
 
 def env():
+    """The subprocess environment: the repo on the path, CPU, and one CPU device (jmoe.train's
+    mesh spans every device, so the suite's 8 simulated ones would make it 8-way parallel)."""
     e = dict(os.environ)
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("JAX_PLATFORMS", "cpu")
+    flags = e.get("XLA_FLAGS", "").split()
+    e["XLA_FLAGS"] = " ".join(f for f in flags if "xla_force_host_platform_device_count" not in f)
     return e
 
 
