@@ -64,6 +64,10 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+class LaunchError(RuntimeError):
+    """The command could not be started."""
+
+
 class Group:
     """The child processes of one launch, each in its own session (its own process group)."""
 
@@ -74,13 +78,17 @@ class Group:
         lock = threading.Lock()
         for i in range(processes):
             env = child_env(os.environ, self.address, processes, i, devices)
-            p = subprocess.Popen(
-                command,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
+            try:
+                p = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+            except OSError as e:
+                self.end(signal.SIGKILL, 0.0)
+                raise LaunchError(f"cannot start COMMAND {command[0]!r}: {e}") from None
             self.procs.append(p)
             prefix = f"[p{i}] ".encode()
             for src, dst in ((p.stdout, sys.stdout.buffer), (p.stderr, sys.stderr.buffer)):
@@ -129,14 +137,15 @@ def _log(msg: str) -> None:
 
 def run(command: list[str], processes: int, devices: int, grace: float = 5.0, port: int = 0):
     """Runs `command` as `processes` cooperating processes; returns the exit status."""
-    group = Group(command, processes, devices, port)
     interrupted: list[int] = []
 
     def on_signal(signum, _frame):
         interrupted.append(signum)
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    group = None
     try:
+        group = Group(command, processes, devices, port)
         while not group.all_done():
             if interrupted:
                 _log(f"{signal.Signals(interrupted[0]).name}: ending all processes")
@@ -152,8 +161,12 @@ def run(command: list[str], processes: int, devices: int, grace: float = 5.0, po
             time.sleep(0.05)
         failed = group.first_failure()
         return 0 if failed is None else _exit_status(failed[1])
+    except LaunchError as e:
+        _log(str(e))
+        return 127
     finally:
-        group.join_output()
+        if group is not None:
+            group.join_output()
         for s, h in old.items():
             signal.signal(s, h)
 

@@ -68,6 +68,11 @@ def test_a_failing_child_ends_the_others(how, capfd):
     assert len(pids) == 3 and not any(alive(p) for p in pids.values())
 
 
+def test_a_command_that_cannot_start_is_reported(capfd):
+    assert launch.run(["/nonexistent/cmd"], processes=2, devices=0) == 127
+    assert "cannot start COMMAND '/nonexistent/cmd'" in capfd.readouterr().err
+
+
 def test_ctrl_c_ends_all_children_even_one_ignoring_sigint():
     code = (
         "import os, signal, time\n"
