@@ -27,23 +27,35 @@ class LogicallyPartitioned(nn.LogicallyPartitioned):
 
     Through `flax.nnx.bridge`, a Linen box becomes an `nnx.Variable` whose `out_sharding`
     (the logical names) Flax applies eagerly, which needs a mesh and mesh-axis names.
-    This box says how: with a mesh (the box's, or the one set by `jax.set_mesh`) the
-    logical names map through `DEFAULT_RULES` (its box's own `rules` or context rules
-    first); without one, the variable is created unsharded (`eager_sharding=False`).
+    This box says how (`nnx_sharding_metadata`): the logical names map to mesh axes through
+    its `rules` (default `DEFAULT_RULES`); without a mesh the variable is created unsharded.
     """
 
     def to_nnx_metadata(self) -> dict:
         """The NNX metadata of this box (Flax's own pops fields off the box itself)."""
-        metadata = dict(vars(self))
-        metadata["out_sharding"] = metadata.pop("names")
-        rules = metadata.pop("rules")
-        mesh = self.mesh if self.mesh is not None else meta.get_global_mesh()
-        if mesh is None:
-            metadata["eager_sharding"] = False
-        elif rules is None and not nn.get_logical_axis_rules():
-            rules = rules_for_mesh(DEFAULT_RULES, mesh)
-        metadata["sharding_rules"] = rules
-        return metadata
+        metadata = {k: v for k, v in vars(self).items() if k not in ("names", "rules")}
+        return {**metadata, **nnx_sharding_metadata(self.names, self.mesh, self.rules)}
+
+
+def nnx_sharding_metadata(names, mesh=None, rules=None) -> dict:
+    """`nnx.Variable` metadata for a parameter with logical axis `names`.
+
+    `out_sharding` holds the logical names and `sharding_rules` maps them to mesh axes
+    (`rules`, else `DEFAULT_RULES` unless `nn.logical_axis_rules` are set), so
+    `nnx.get_partition_spec` gives mesh specs. With a mesh (`mesh`, else the one set by
+    `jax.set_mesh`) the rules drop axes it lacks and Flax places the value at creation; without
+    one the variable is created unsharded (`eager_sharding=False`), with no global flag.
+    """
+    mesh = mesh if mesh is not None else meta.get_global_mesh()
+    if rules is None and not nn.get_logical_axis_rules():
+        rules = DEFAULT_RULES
+    metadata = {"out_sharding": tuple(names)}
+    if mesh is None:
+        metadata["eager_sharding"] = False
+    elif rules is not None:
+        rules = rules_for_mesh(rules, mesh)
+    metadata["sharding_rules"] = None if rules is None else tuple(rules)
+    return metadata
 
 
 def with_logical_partitioning(init, names, mesh=None, rules=None):
