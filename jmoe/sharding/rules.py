@@ -46,10 +46,12 @@ def nnx_sharding_metadata(names, mesh=None, rules=None) -> dict:
     `jax.set_mesh`) the rules drop axes it lacks and Flax places the value at creation; without
     one the variable is created unsharded (`eager_sharding=False`), with no global flag.
     """
+    metadata = {"out_sharding": tuple(names)}
+    if mesh is not None:
+        metadata["mesh"] = mesh
     mesh = mesh if mesh is not None else meta.get_global_mesh()
     if rules is None and not nn.get_logical_axis_rules():
         rules = DEFAULT_RULES
-    metadata = {"out_sharding": tuple(names)}
     if mesh is None:
         metadata["eager_sharding"] = False
     elif rules is not None:
