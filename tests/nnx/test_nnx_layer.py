@@ -164,3 +164,16 @@ def test_linen_layer_through_nnx_bridge_out_of_the_box():
     assert nnx.get_partition_spec(nnx.state(model))["w_out"].get_value() == jax.P(
         "expert", "tensor", "fsdp"
     )
+
+
+def test_router_randomness_draws_from_the_router_stream():
+    x = _x()
+    kw = dict(num_experts=E, top_k=1, d_ff=F, router="stochastic")
+    model = jnnx.MoE(DM, rngs=nnx.Rngs(params=0, router=1), **kw)
+    draws = [np.asarray(model(x)[1]["expert_counts"]) for _ in range(2)]
+    assert not np.array_equal(*draws)  # each call draws afresh
+    key = jax.random.key(3)
+    _close(model(x, rngs=key)[0], model(x, rngs=key)[0], "the same key, the same routing")
+    without = jnnx.MoE(DM, rngs=nnx.Rngs(params=0), **kw)
+    with pytest.raises(ValueError, match="rngs=nnx.Rngs\\(params=..., router=...\\)"):
+        without(x)
