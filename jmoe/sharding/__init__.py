@@ -12,14 +12,17 @@ from jmoe.sharding.expert_parallel import expert_parallel_ffn, resolve_mesh
 from jmoe.sharding.mesh import MESH_AXES, MeshConfig, axis_size, batch_axes, make_mesh
 from jmoe.sharding.rules import (
     DEFAULT_RULES,
+    LogicallyPartitioned,
     abstract_variables,
     batch_sharding,
     logical_specs,
     mesh_shardings,
     mesh_specs,
+    nnx_sharding_metadata,
     restore_targets,
     rules_for_mesh,
     sharded_init,
+    with_logical_partitioning,
 )
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
     "BalanceLossScope",
+    "LogicallyPartitioned",
     "MeshConfig",
     "abstract_variables",
     "axis_size",
@@ -42,8 +46,10 @@ __all__ = [
     "make_mesh",
     "mesh_shardings",
     "mesh_specs",
+    "nnx_sharding_metadata",
     "resolve_mesh",
     "restore_targets",
     "rules_for_mesh",
     "sharded_init",
+    "with_logical_partitioning",
 ]
