@@ -11,21 +11,12 @@ from flax.core import meta
 
 import jmoe
 from jmoe import nnx as jnnx
+from tests.core.test_layer import DM, E, F, T
+from tests.core.test_layer import ROUTER_KW as LAYER_KW
 
-T, DM, F, E = 24, 16, 32, 4
-# Every router; `stochastic` evaluates by top-k so both layers route the same tokens.
-ROUTER_KW = {
-    "topk": dict(top_k=2),
-    "sigmoid": dict(top_k=2, route_scale=1.5),
-    "expert_choice": dict(top_k=1, capacity_factor=1.0),
-    "top_p": dict(top_k=3, top_p=0.6),
-    "null": dict(top_k=2, num_null_experts=2),
-    "moepp": dict(
-        top_k=2, num_zero_experts=1, num_copy_experts=1, num_const_experts=1, gating_residual=True
-    ),
-    "hash": dict(top_k=2),
-    "stochastic": dict(top_k=1, stochastic_eval="topk"),
-}
+# Every router (the Linen layer tests' settings; MoE++ with its gating residual here);
+# `stochastic` evaluates by top-k so both layers route the same tokens.
+ROUTER_KW = {**LAYER_KW, "moepp": {**LAYER_KW["moepp"], "gating_residual": True}}
 TOK = jnp.arange(T).reshape(2, T // 2) * 7 % 256
 EXTRA = {"topk": dict(num_shared_experts=1, fine_grained=2)}  # shared and fine-grained experts
 
