@@ -43,8 +43,8 @@ def _x(shape=(4, 16, 16), seed=0):
 def test_new_router_runs_through_the_layer(new_router):
     layer = MoE(num_experts=8, top_k=2, d_ff=32, router=new_router)
     x = _x()
-    v = layer.init(jax.random.key(1), x)
-    y, aux = layer.apply(v, x)
+    v = jax.jit(layer.init)(jax.random.key(1), x)
+    y, aux = jax.jit(layer.apply)(v, x)
     logits = aux["router_logits"].reshape(-1, 8)
     want = np.argsort(np.asarray(logits), axis=-1)[:, :2]
     got = np.asarray(R.route(logits, layer.router_config).expert_ids)
@@ -63,16 +63,16 @@ def test_new_router_trains_in_the_lm(new_router):
     }
     model = models.build(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
-    v = nn.meta.unbox(model.init(jax.random.key(1), tokens))
+    v = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))
 
     def loss(p):
         logits, aux = model.apply({"params": p}, tokens, deterministic=False)
         return jnp.mean(logits**2) + aux["load_balance_loss"]
 
-    g = jax.grad(loss)(v["params"])
+    g = jax.jit(jax.grad(loss))(v["params"])
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
     batch = {"inputs": tokens, "targets": tokens}
-    ev = step.make_eval_step(model)(v["params"], {}, batch, jax.random.key(2))
+    ev = jax.jit(step.make_eval_step(model))(v["params"], {}, batch, jax.random.key(2))
     hist = np.asarray(ev["moe/layer_0/experts_per_token_hist"])
     np.testing.assert_array_equal(hist, [0, 0, tokens.size])  # two experts for every token
 
@@ -83,8 +83,8 @@ def test_new_router_runs_under_expert_parallelism(new_router):
     mesh = make_mesh(MeshConfig(data=2, expert=4), devices=jax.devices()[:8])
     kw = dict(num_experts=8, top_k=2, d_ff=32, router=new_router)
     x = _x()
-    v = nn.meta.unbox(MoE(**kw).init(jax.random.key(1), x))
-    y0, aux0 = MoE(**kw).apply(v, x)
+    v = nn.meta.unbox(jax.jit(MoE(**kw).init)(jax.random.key(1), x))
+    y0, aux0 = jax.jit(MoE(**kw).apply)(v, x)
     y1, aux1 = jax.jit(MoE(**kw, expert_axis="expert", mesh=mesh).apply)(v, x)
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(aux1["expert_counts"]), aux0["expert_counts"])
